@@ -1,0 +1,56 @@
+"""Command line: ``python -m vitfast check`` (more subcommands join as the library grows)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _prepare_device() -> str:
+    """Pick the device; without CUDA, run the kernels in Triton's interpreter (set before import)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return "cpu"
+
+
+def _check(args: argparse.Namespace) -> int:
+    device = _prepare_device()
+    import torch
+
+    from . import runtime
+    from .checks import collect, format_table
+
+    torch.manual_seed(args.seed)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    small = device != "cuda" or args.quick
+    print(f"vitfast check on {device} ({runtime.backend_name(device)}), "
+          f"torch {torch.__version__}" + (", interpreter sizes" if small else ""), flush=True)
+    rows = []
+    for row in collect(torch.device(device), dtypes, small):
+        rows.append(row)
+        if args.verbose:
+            print(f"  {row.op} {row.shape} {row.dtype}: {'ok' if row.ok else 'FAIL'}", flush=True)
+    print(format_table(rows))
+    failed = sum(not r.ok for r in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 0 if rows and not failed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="run every kernel against its PyTorch reference and print a table")
+    check.add_argument("--quick", action="store_true", help="small shapes even on a GPU")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
+    check.set_defaults(func=_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``layer_norm``: LayerNorm over the last dimension, optionally fused with the residual add."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import runtime
+from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """A 2-D [rows, width] view with unit column stride; copies only when no such view exists."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+@torch.library.custom_op("vitfast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    residual: Optional[Tensor], store_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.layer_norm import layer_norm_fwd
+
+    M, N = x.shape
+    y = runtime.empty(M, N, dtype=x.dtype, device=x.device)
+    s = runtime.empty(M, N, dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(0)
+    stats = store_stats
+    mean = torch.empty(M if stats else 0, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M if stats else 0, dtype=torch.float32, device=x.device)
+    layer_norm_fwd(x, weight, bias, eps, residual, y, s if residual is not None else None,
+                   mean if stats else None, rstd if stats else None)
+    return y, s, mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, residual, store_stats):
+    M, N = x.shape
+    return (x.new_empty(M, N), x.new_empty(M, N) if residual is not None else x.new_empty(0),
+            x.new_empty(M if store_stats else 0, dtype=torch.float32),
+            x.new_empty(M if store_stats else 0, dtype=torch.float32))
+
+
+def _fallback(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    params = [p for p in (weight, bias) if p is not None]
+    if any(p.dtype != x.dtype for p in params):
+        # Mixed precision (e.g. fp32 parameters under autocast): normalise in fp32, as the kernel does.
+        return F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                            None if bias is None else bias.float(), eps).to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm of ``x`` (or of ``x + residual``) over its last dimension.
+
+    Returns ``y`` when ``residual`` is None and ``(y, x + residual)`` otherwise; the sum is what the
+    next residual connection needs, so a pre-norm block reads the residual stream once.
+    Statistics are fp32 whatever the input dtype; outputs have the dtype of ``x``.
+
+    >>> x = torch.randn(2, 197, 768)
+    >>> w, b = torch.ones(768), torch.zeros(768)
+    >>> y = layer_norm(x, w, b)
+    >>> y, s = layer_norm(x, w, b, residual=torch.randn_like(x))
+    """
+    check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    width = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_float(name, p)
+            check_shape(name, p, (width,))
+    if residual is not None:
+        check_tensor("residual", residual)
+        check_shape("residual", residual, tuple(x.shape))
+        check_same_dtype("residual", residual, "x", x)
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+    if runtime.use_triton(x) and not runtime.needs_autograd(x, weight, bias, residual):
+        from ..kernels.layer_norm import MAX_WIDTH
+
+        if width > MAX_WIDTH:
+            runtime.warn_once(f"layer_norm:width={width}",
+                              f"vitfast.layer_norm: width {width} > {MAX_WIDTH}; using PyTorch")
+        else:
+            runtime.record_launch("layer_norm")
+            y, s, _, _ = torch.ops.vitfast.layer_norm_fwd(
+                _rows(x, width), weight, bias, float(eps),
+                None if residual is None else _rows(residual, width), False)
+            y = y.view(x.shape)
+            return y if residual is None else (y, s.view(x.shape))
+
+    if residual is None:
+        return _fallback(x, weight, bias, eps)
+    s = x + residual
+    return _fallback(s, weight, bias, eps), s

@@ -1,0 +1,133 @@
+"""Where an op runs: compiled Triton, Triton's interpreter, or the plain-PyTorch fallback.
+
+* CUDA tensors run the compiled Triton kernels.
+* CPU tensors run the same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+  before ``triton`` was imported (this is how CI, which has no GPU, tests every kernel).
+* CPU tensors otherwise run the plain-PyTorch fallback, so a converted model still runs anywhere.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+_warned: set[str] = set()
+_poison = False
+_force_fallback = False
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def enable_interpreter() -> None:
+    """Turn Triton's interpreter on; it only takes effect before ``triton`` is imported."""
+    if "triton" in sys.modules and not interpreter_enabled():
+        raise RuntimeError(
+            "enable_interpreter() must run before triton is imported; "
+            "set TRITON_INTERPRET=1 in the environment instead"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels can take these tensors (all on one device, checked by the op)."""
+    if _force_fallback or not triton_available():
+        return False
+    t = next((t for t in tensors if t is not None), None)
+    if t is None:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreter_enabled()
+
+
+def backend_name(device: torch.device | str) -> str:
+    """Human-readable name of the path ops take for tensors on ``device``."""
+    device = torch.device(device)
+    if _force_fallback or not triton_available():
+        return "pytorch-fallback"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and interpreter_enabled():
+        return "triton-interpreter"
+    return "pytorch-fallback"
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when a result must carry gradients; ops without a backward kernel take the fallback."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning per configuration, never one per call."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer for a kernel; NaN-filled while poisoning is on, so an unwritten element shows."""
+    if _poison and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Fill every kernel output with NaN before the kernel writes it (tests use this)."""
+    global _poison
+    old, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = old
+
+
+@contextmanager
+def fallback_only(enabled: bool = True) -> Iterator[None]:
+    """Run every op on the plain-PyTorch path (for comparisons and debugging)."""
+    global _force_fallback
+    old, _force_fallback = _force_fallback, enabled
+    try:
+        yield
+    finally:
+        _force_fallback = old
+
+
+_launch_counts: dict[str, int] | None = None
+
+
+def record_launch(op: str) -> None:
+    """Called by each op when it takes the Triton path; counted inside ``count_launches``."""
+    if _launch_counts is not None:
+        _launch_counts[op] = _launch_counts.get(op, 0) + 1
+
+
+@contextmanager
+def count_launches() -> Iterator[dict[str, int]]:
+    """Count, per op, the calls that ran a Triton kernel (tests use it to prove the routing).
+
+    >>> with count_launches() as counts:
+    ...     model(x)
+    >>> counts["attention"]
+    """
+    global _launch_counts
+    old, _launch_counts = _launch_counts, {}
+    try:
+        yield _launch_counts
+    finally:
+        _launch_counts = old
