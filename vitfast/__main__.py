@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitfast check`` (more subcommands join as the library grows)."""
+"""Command line: ``python -m vitfast check`` and ``python -m vitfast bench``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,13 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if rows and not failed else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    # Unlike check, bench never turns Triton's interpreter on: its timings would mean nothing.
+    from . import bench
+
+    return bench.run_from_args(args, args.parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
     check.set_defaults(func=_check)
+    from .bench import add_arguments
+
+    bench = sub.add_parser("bench", help="whole-model speed of vitfast against its baselines; JSON, CSV and PNG")
+    add_arguments(bench)
+    bench.set_defaults(func=_bench, parser=bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

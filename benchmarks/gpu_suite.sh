@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Everything vitfast checks on a GPU, in one command for the GPU machine (nothing downloadable there):
+#
+#   benchmarks/gpu_suite.sh [OUT_DIR]        # default OUT_DIR: ./gpu-results
+#
+# Steps: install this checkout without the network, print the GPU, the GPU parity tests
+# (pytest -m gpu) and the rest of the test suite on CUDA (bf16 included), `python -m vitfast check`,
+# one compute-sanitizer memcheck pass over a small optimized forward, the kernel benchmarks
+# (pytest-benchmark) and `python -m vitfast bench` over ViT-B/S/L at batch 1, 32 and 256.
+# The whole run stays under 8 minutes: each step has a timeout, capped by what the overall budget
+# (VITFAST_SUITE_BUDGET seconds, default 450) leaves, and the steps before the bench leave it
+# BENCH_RESERVE seconds. torch.compile runs in mode "default" (VITFAST_COMPILE_MODE to change it):
+# max-autotune over three models does not fit the budget.
+#
+# OUT_DIR receives at most five files (the device tool returns eight): suite.log (every step's
+# output, then a summary of exit codes), kernels.json, and the bench's <gpu>-<date>.json/.csv/.png.
+# A failing step does not stop the suite; the exit status is non-zero when any step failed.
+set -uo pipefail
+
+out="${1:-gpu-results}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.." || exit 1
+log="$out/suite.log"
+: >"$log"
+budget="${VITFAST_SUITE_BUDGET:-450}"
+bench_reserve=200
+compile_mode="${VITFAST_COMPILE_MODE:-default}"
+py="${PYTHON:-$(command -v python || command -v python3)}"
+unset TRITON_INTERPRET  # compiled kernels on the GPU; the interpreter is for CPU machines only
+start=$SECONDS
+names=()
+codes=()
+
+say() { echo "$*" | tee -a "$log"; }
+
+# step NAME LIMIT_S CMD...: run CMD under a timeout that the remaining budget caps, output logged.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - (SECONDS - start)))
+    [[ $name == bench ]] || left=$((left - bench_reserve))
+    ((limit > left)) && limit=$left
+    if ((limit < 10)); then
+        say "== $name: not run, the suite's time budget is spent"
+        names+=("$name")
+        codes+=(124)
+        return
+    fi
+    say "== [$((SECONDS - start)) s] $name (timeout ${limit} s): $*"
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    ((rc == 124 || rc == 137)) && say "== $name: timed out"
+    say "== $name: exit $rc at $((SECONDS - start)) s"
+    names+=("$name")
+    codes+=("$rc")
+}
+
+step gpu-info 30 nvidia-smi
+step versions 60 "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+
+# The editable install needs only setuptools, which the image has; it maps kernels/ to vitfast.kernels.
+step install 120 "$py" -m pip install --no-deps --no-build-isolation -e .
+if ! "$py" -c "import vitfast.kernels" >>"$log" 2>&1; then
+    # A plain PYTHONPATH cannot map kernels/ to vitfast.kernels, so a link inside the package does.
+    say "== install: vitfast.kernels does not import; falling back to PYTHONPATH=$PWD with vitfast/kernels -> ../kernels"
+    [[ -e vitfast/kernels ]] || ln -s ../kernels vitfast/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    "$py" -c "import vitfast.kernels" >>"$log" 2>&1
+    codes[${#codes[@]} - 1]=$?
+fi
+
+# Together these two are the full test suite, with the gpu-marked tests first.
+step gpu-tests 120 "$py" -m pytest -q -m gpu tests
+step tests 150 "$py" -m pytest -x -q -m "not gpu" tests
+step check 60 "$py" -m vitfast check
+
+sanitizer="$(command -v compute-sanitizer || true)"
+for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    [[ -z $sanitizer && -x $dir/compute-sanitizer ]] && sanitizer="$dir/compute-sanitizer"
+done
+if [[ -n $sanitizer ]]; then
+    # Without PyTorch's caching allocator an out-of-bounds access cannot hide inside a pooled block.
+    step memcheck 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+        "$py" benchmarks/memcheck_forward.py
+else
+    say "== memcheck: skipped, compute-sanitizer is neither on PATH nor in /usr/local/cuda*/bin"
+    names+=("memcheck (skipped)")
+    codes+=(0)
+fi
+
+# pytest exits 5 when it collects nothing, which is no failure while no kernel benchmark exists yet.
+step kernel-benchmarks 90 bash -c '"$1" -m pytest benchmarks/ -q --benchmark-json="$2" --benchmark-max-time=0.25
+    rc=$?; if ((rc == 5)); then echo "no kernel benchmarks collected"; exit 0; fi; exit $rc' _ "$py" "$out/kernels.json"
+
+left=$((budget - (SECONDS - start)))
+step bench "$left" "$py" -m vitfast bench --model vit_base vit_small vit_large --batch 1 32 256 \
+    --compile-mode "$compile_mode" --budget $((left > 90 ? left - 60 : 30)) --out "$out"
+
+say "== summary after $((SECONDS - start)) s (step: exit code)"
+failed=0
+for i in "${!names[@]}"; do
+    say "$(printf '  %-18s %s' "${names[$i]}" "${codes[$i]}")"
+    ((codes[i] == 0)) || failed=1
+done
+say "== files in $out:"
+ls -l "$out" | tee -a "$log"
+exit "$failed"
