@@ -1,0 +1,194 @@
+"""``attention`` and ``attention_qkv``: softmax(scale · Q Kᵀ + masks) V in one fused kernel.
+
+Mask convention (both entries): nn.MultiheadAttention's, not SDPA's.
+
+* ``key_padding_mask`` [B, N]: bool, True = ignore that key; or float, added to the scores.
+* ``attn_mask`` [N, N] or [B·heads, N, N] (batch-major, as nn.MultiheadAttention stacks it): bool,
+  True = NOT allowed (``F.scaled_dot_product_attention``'s bool mask means the opposite); or float,
+  added to the scaled scores.
+* ``is_causal``: query i attends to keys 0..i; combines with the masks.
+
+A query row with no allowed key (every key masked) gives zeros, never NaN (recent SDPA agrees; older
+PyTorch gave NaN), and its log-sum-exp is +inf. Masks are read in place through their strides, so
+a mask broadcast with ``expand`` costs no memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import runtime
+from ._validate import FLOAT_DTYPES, check_float, check_same_device, check_tensor
+
+MAX_HEAD_DIM = 256
+
+
+@torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+    scale: float, is_causal: bool, tokens_major: bool,
+) -> tuple[Tensor, Tensor]:
+    from ..kernels.attention import attention_fwd
+
+    B, H, N, d = q.shape
+    if tokens_major:  # [B, N, H·d], ready for the out-projection
+        out = runtime.empty(B, N, H * d, dtype=q.dtype, device=q.device)
+        out_view = out.view(B, N, H, d).transpose(1, 2)
+    else:
+        out = out_view = runtime.empty(B, H, N, d, dtype=q.dtype, device=q.device)
+    lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
+    attention_fwd(q, k, v, out_view, lse, key_padding_mask, attn_mask, scale, is_causal)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major):
+    B, H, N, d = q.shape
+    out = q.new_empty(B, N, H * d) if tokens_major else q.new_empty(B, H, N, d)
+    return out, q.new_empty(B, H, N, dtype=torch.float32)
+
+
+def _bias(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """The masks as one fp32 additive bias broadcastable to [B, H, N, N]; -inf = not allowed."""
+    B, H, N, _ = q.shape
+    bias = torch.zeros(1, 1, N, N, dtype=torch.float32, device=q.device)
+    if is_causal:
+        bias = torch.where(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf, bias)
+    masks = [] if attn_mask is None else [attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask]
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask[:, None, None, :])
+    for m in masks:
+        bias = torch.where(m, -math.inf, bias) if m.dtype == torch.bool else bias + m.float()
+    return bias
+
+
+def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+              scale: float, is_causal: bool, return_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """SDPA on [B, H, N, d] tensors with the masks converted to its convention; rows with no allowed
+    key are zeroed (and unmasked before SDPA, so neither the output nor its gradient holds NaN)."""
+    if key_padding_mask is None and attn_mask is None and not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale), None
+    bias = _bias(q, key_padding_mask, attn_mask, is_causal)
+    dead = torch.isneginf(bias).all(-1, keepdim=True)
+    bias = bias.masked_fill(dead, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    out = out.masked_fill(dead, 0.0)
+    if not return_lse:
+        return out, None
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(dead.squeeze(-1), math.inf)
+    return out, lse
+
+
+def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...]) -> None:
+    check_tensor(name, mask)
+    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be bool or float32, float16 or bfloat16, got {mask.dtype}")
+    if tuple(mask.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(mask.shape)}")
+
+
+def _check_scale(scale: object) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+         scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool):
+    """Shared by both entries: q, k, v are [B, H, N, d] views; the Triton path or the fallback."""
+    B, H, N, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    is_causal = bool(is_causal)
+    if runtime.use_triton(q) and not runtime.needs_autograd(q, k, v, key_padding_mask, attn_mask):
+        from ..kernels.attention import HEAD_DIMS
+
+        if d in HEAD_DIMS:
+            runtime.record_launch("attention")
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            out, lse = torch.ops.vitfast.attention_fwd(q, k, v, key_padding_mask, attn_mask, scale,
+                                                       is_causal, tokens_major)
+            return (out, lse) if return_lse else out
+        runtime.warn_once(f"attention:head_dim={d}:{q.dtype}",
+                          f"vitfast.attention: head size {d} is not one of {HEAD_DIMS}; using PyTorch SDPA")
+    out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse)
+    if tokens_major:
+        out = out.transpose(1, 2).reshape(B, N, H * d)
+    return (out, lse) if return_lse else out
+
+
+def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
+              scale: float | None = None, is_causal: bool = False,
+              return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Multi-head attention over the packed in-projection output ``qkv`` [B, N, 3·D].
+
+    The last dimension holds q | k | v, each D = num_heads · d wide (nn.MultiheadAttention's
+    ``in_proj`` and timm's ``qkv`` layout). ``qkv`` may have any strides (e.g. ``buf.transpose(0, 1)``
+    of a sequence-first [N, B, 3D] buffer): the kernel reads it in place; only a last dimension
+    without unit stride is copied. Returns a contiguous [B, N, D], heads side by side, ready for the
+    out-projection; with ``return_lse`` also the fp32 natural-log log-sum-exp [B, heads, N] of each
+    row's scaled, masked scores (+inf where a row has no allowed key). ``scale`` defaults to 1/√d.
+    Masks follow nn.MultiheadAttention (bool True = not allowed), see the module docstring.
+
+    >>> qkv = torch.randn(2, 197, 3 * 768)
+    >>> y = attention(qkv, num_heads=12)  # [2, 197, 768]
+    >>> pad = torch.zeros(2, 197, dtype=torch.bool); pad[1, 150:] = True
+    >>> y = attention(qkv, 12, key_padding_mask=pad)
+    """
+    check_float("qkv", qkv)
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be 3-D [batch, tokens, 3 * embed_dim], got shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    B, N, width = qkv.shape
+    if width % (3 * num_heads) != 0:
+        raise ValueError(f"qkv last dimension ({width}) must be divisible by 3 * num_heads "
+                         f"(3 * {num_heads} = {3 * num_heads})")
+    _check_common("qkv", qkv, B, N, num_heads, width // (3 * num_heads), key_padding_mask, attn_mask, scale)
+    # [B, N, 3, H, d] -> three [B, H, N, d] views of the same storage; no data moves.
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, tokens_major=True)
+
+
+def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                  attn_mask: Tensor | None = None, scale: float | None = None, is_causal: bool = False,
+                  return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over q, k, v in SDPA's layout [B, heads, N, d] (any strides); returns [B, heads, N, d].
+
+    Same kernel, masks and conventions as :func:`attention` (nn.MultiheadAttention's: a bool
+    ``attn_mask`` is True where attention is NOT allowed, the opposite of SDPA's).
+
+    >>> q, k, v = torch.randn(3, 2, 12, 197, 64).unbind(0)
+    >>> y = attention_qkv(q, k, v, is_causal=True)  # [2, 12, 197, 64]
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; they must match")
+    check_same_device(q=q, k=k, v=v)
+    B, H, N, d = q.shape
+    _check_common("q", q, B, N, H, d, key_padding_mask, attn_mask, scale)
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, tokens_major=False)
+
+
+def _check_common(name: str, x: Tensor, B: int, N: int, heads: int, d: int, key_padding_mask: Tensor | None,
+                  attn_mask: Tensor | None, scale: float | None) -> None:
+    """Checks both entries share: head size, masks against (B, N, heads), devices, scale."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head size of {name} must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, ((B, N),))
+    if attn_mask is not None:
+        _check_mask("attn_mask", attn_mask, ((N, N), (B * heads, N, N)))
+    check_same_device(**{name: x}, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+    _check_scale(scale)
