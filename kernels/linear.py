@@ -1,9 +1,15 @@
-"""Tiled GEMM with a fused epilogue: Y = act(X · Wᵀ + b) + R.
+"""Tiled GEMM with a fused epilogue, Y = act(X · Wᵀ + b) + R, and its backward.
 
-W is read in ``nn.Linear`` layout [out, in] through its strides, so no transposed copy is made. The
-product accumulates in fp32; bias, activation (exact GELU, tanh GELU, ReLU or none) and the residual
-add happen on the fp32 tile in registers, and the result is cast to Y's dtype once, on the store.
-An MLP is two launches: fc1 + bias + GELU, then fc2 + bias + residual.
+X and W are read through their strides (W in ``nn.Linear`` layout [out, in]), so no transposed copy
+is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, ReLU or none)
+and the residual add happen on the fp32 tile in registers, and the result is cast to Y's dtype once,
+on the store. An MLP is two launches: fc1 + bias + GELU, then fc2 + bias + residual.
+
+Training: the forward also stores the pre-activation Z = X · Wᵀ + b (one extra M·N·e write, what
+PyTorch's eager autograd keeps too) instead of recomputing a GEMM in the backward. The backward is
+one elementwise launch, dZ = dY ⊙ act'(Z) (none when the activation is "none": dZ = dY), then the
+forward kernel twice through strides: dX = dZ · W reads W transposed, dW = dZᵀ · X reads both
+operands transposed.
 
 Traffic per launch (element size e): read M·K·e of X once per column of tiles (L2 absorbs most
 re-reads thanks to the grouped tile order), N·K·e of W, M·N·e of R; write M·N·e of Y.
@@ -65,27 +71,43 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@triton.jit
+def _gelu_cdf(z):
+    """Φ(z), the standard normal CDF: exact GELU is z·Φ(z)."""
+    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_tanh_gate(z):
+    """sigmoid(2u) = 0.5·(1 + tanh(u)) with u = sqrt(2/π)·(z + 0.044715·z³): tanh GELU is z·gate."""
+    # The floor keeps exp(-2u) finite; it moves the result by less than 1e-33.
+    return tl.sigmoid(tl.maximum(1.5957691216057308 * (z + 0.044715 * z * z * z), -80.0))
+
+
 @triton.autotune(
     configs=_interpreter_configs() if _interpreting() else _hopper_configs(),
-    key=["M_BUCKET", "N", "K", "INPUT_PRECISION"],  # dtypes join the key by themselves
+    # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
+    key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _linear_kernel(
-    X, W, B, R, Y,
+    X, W, B, R, Y, Z,
     M, N, K, M_BUCKET,
-    stride_xm, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_zm,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    STORE_PREACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N tile of Y per program.
 
-    X: [M, K] input rows (row stride ``stride_xm``, unit column stride), fp32/fp16/bf16.
+    X: [M, K] input rows, any strides (the backward reads transposed tensors here), fp32/fp16/bf16.
     W: [N, K] weight in ``nn.Linear`` layout, any strides, dtype of X.
     B: [N] bias, dtype of X (read only when HAS_BIAS).
     R: [M, N] residual, any strides, dtype of X (read only when HAS_RESIDUAL).
     Y: [M, N] output (row stride ``stride_ym``, unit column stride).
+    Z: [M, N] pre-activation X · Wᵀ + b in Y's dtype (row stride ``stride_zm``, unit column stride),
+       written only when STORE_PREACT, for the backward.
     M_BUCKET only keys the autotuner. Programs walk the tiles in groups of GROUP_M row-tiles so that
     consecutive programs share W's column tiles and X's row tiles in L2.
     """
@@ -106,7 +128,7 @@ def _linear_kernel(
     # the store drops them.
     rows_in = (rows % M).to(tl.int64)
     cols_in = (cols % N).to(tl.int64)
-    x_ptrs = X + rows_in[:, None] * stride_xm + ks[None, :]
+    x_ptrs = X + rows_in[:, None] * stride_xm + ks[None, :].to(tl.int64) * stride_xk
     w_ptrs = W + cols_in[None, :] * stride_wn + ks[:, None].to(tl.int64) * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -115,24 +137,23 @@ def _linear_kernel(
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    mask = (rows < M)[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_PREACT:
+        tl.store(Z + rows64[:, None] * stride_zm + cols[None, :], acc.to(Z.dtype.element_ty), mask=mask)
     if ACTIVATION == "gelu":
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        acc = acc * _gelu_cdf(acc)
     elif ACTIVATION == "gelu_tanh":
-        # 0.5·(1 + tanh(u)) = sigmoid(2u), with u = sqrt(2/π)·(a + 0.044715·a³).
-        u2 = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        # The floor keeps exp(-u2) finite; it moves the result by less than 1e-33.
-        acc = acc * tl.sigmoid(tl.maximum(u2, -80.0))
+        acc = acc * _gelu_tanh_gate(acc)
     elif ACTIVATION == "relu":
         acc = tl.maximum(acc, 0.0)
 
-    rows64 = rows.to(tl.int64)
-    mask = (rows < M)[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:
         r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :].to(tl.int64) * stride_rn, mask=mask, other=0.0)
         acc += r.to(tl.float32)
@@ -146,12 +167,13 @@ def linear_fwd(
     residual: torch.Tensor | None,
     activation: str,
     y: torch.Tensor,
+    z: torch.Tensor | None = None,
 ) -> None:
-    """Launch over 2-D views: x [M, K] and y [M, N] with unit column stride (the op guarantees it),
-    weight [N, K] and residual [M, N] with any strides."""
+    """Launch over 2-D views: x [M, K], weight [N, K] and residual [M, N] with any strides; y [M, N]
+    (and z [M, N], which receives the pre-activation when given) with unit column stride."""
     M, K = x.shape
     N = weight.shape[0]
-    assert x.stride(1) == 1 and y.stride(1) == 1 and activation in ACTIVATIONS
+    assert y.stride(1) == 1 and (z is None or z.stride(1) == 1) and activation in ACTIVATIONS
     if M == 0 or N == 0:
         return
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -163,10 +185,73 @@ def linear_fwd(
 
     _linear_kernel[grid](
         x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
+        z if z is not None else y,
         M, N, K, triton.next_power_of_2(M),
-        x.stride(0), weight.stride(0), weight.stride(1),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        y.stride(0),
+        y.stride(0), z.stride(0) if z is not None else 0,
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=precision,
+        STORE_PREACT=z is not None, INPUT_PRECISION=precision,
     )
+
+
+@triton.jit
+def _activation_bwd_kernel(
+    DY, Z, DZ, M, N,
+    stride_dym, stride_dyn, stride_zm, stride_dzm,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dZ = dY ⊙ act'(Z) on one BLOCK_M × BLOCK_N tile, in fp32, rounded once on the store.
+
+    DY: [M, N] upstream gradient of Y, any strides (autograd may hand in an expanded tensor).
+    Z: [M, N] pre-activation the forward stored (row stride ``stride_zm``, unit column stride).
+    DZ: [M, N] output, dtype of Z (row stride ``stride_dzm``, unit column stride).
+    """
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :].to(tl.int64) * stride_dyn,
+                 mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION == "gelu":
+        # d/dz z·Φ(z) = Φ(z) + z·φ(z)
+        dz = dy * (_gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
+    elif ACTIVATION == "gelu_tanh":
+        # d/dz z·s = s + z·ds/dz, ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
+        s = _gelu_tanh_gate(z)
+        dz = dy * (s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z))
+    else:  # relu
+        dz = tl.where(z > 0.0, dy, 0.0)
+    tl.store(DZ + rows[:, None] * stride_dzm + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+def activation_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: torch.Tensor) -> None:
+    """Fill ``dz`` [M, N] (unit column stride) with dy ⊙ act'(z); dy [M, N] has any strides."""
+    M, N = z.shape
+    assert activation in ACTIVATIONS and activation != "none"
+    assert z.stride(1) == 1 and dz.stride(1) == 1
+    if M == 0 or N == 0:
+        return
+    block_m, block_n = 32, 128
+    _activation_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        dy, z, dz, M, N,
+        dy.stride(0), dy.stride(1), z.stride(0), dz.stride(0),
+        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+
+
+def linear_bwd(
+    dz: torch.Tensor,
+    x: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    dx: torch.Tensor | None,
+    dw: torch.Tensor | None,
+) -> None:
+    """The two GEMMs of the backward, both on the forward kernel through strides, no copies:
+    dx [M, K] = dz · weight (weight [N, K] read as an [K, N] "nn.Linear" weight) and
+    dw [N, K] = dzᵀ · x (dz [M, N] read as [N, M] rows, x [M, K] as a [K, M] weight).
+    ``dz`` has any strides; ``dx``/``dw`` (unit column stride) are filled when given."""
+    if dx is not None:
+        linear_fwd(dz, weight.t(), None, None, "none", dx)
+    if dw is not None:
+        linear_fwd(dz.t(), x.t(), None, None, "none", dw)

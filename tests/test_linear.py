@@ -173,11 +173,12 @@ def test_activation_name():
 
 
 def test_gradients_flow_through_fallback():
-    """Without a backward kernel yet, inputs that need gradients take the PyTorch path."""
+    """On the PyTorch path (CPU without the interpreter, or forced) gradients are PyTorch's own;
+    the kernels' backward is tested in test_linear_backward.py."""
     ours, ref = Mlp(48, 96).to(DEVICE), TimmMlp(48, 96).to(DEVICE)
     ours.load_state_dict(ref.state_dict())
     x, r = _randn(3, 5, 48).requires_grad_(), _randn(3, 5, 48)
-    with runtime.count_launches() as counts:
+    with runtime.count_launches() as counts, runtime.fallback_only():
         ours(x, r).square().sum().backward()
     assert not counts
     gx, gw = x.grad.clone(), ours.fc1.weight.grad

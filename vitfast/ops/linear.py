@@ -27,17 +27,85 @@ _TORCH_ACTIVATIONS = {
 @torch.library.custom_op("vitfast::linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
-) -> Tensor:
+    store_preact: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Y = act(x · weightᵀ + bias) + residual, and the pre-activation x · weightᵀ + bias that the
+    backward needs when ``store_preact`` (else an empty tensor)."""
     from ..kernels.linear import linear_fwd
 
-    y = runtime.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    linear_fwd(x, weight, bias, residual, activation, y)
-    return y
+    M, N = x.shape[0], weight.shape[0]
+    y = runtime.empty(M, N, dtype=x.dtype, device=x.device)
+    z = runtime.empty(M, N, dtype=x.dtype, device=x.device) if store_preact else None
+    linear_fwd(x, weight, bias, residual, activation, y, z)
+    return y, x.new_empty(0) if z is None else z
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, residual, activation):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, residual, activation, store_preact=False):
+    M, N = x.shape[0], weight.shape[0]
+    return x.new_empty(M, N), x.new_empty((M, N) if store_preact else (0,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, _, activation, store_preact = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    need_x, need_w = ctx.needs_input_grad[:2]
+    # Keep alive only what the backward reads: x for dW, the weight for dX, Z for act'(Z).
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None,
+                          z if activation != "none" else None)
+    ctx.activation, ctx.store_preact = activation, store_preact
+
+
+def _backward(ctx, dy: Tensor, _dz):
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    grads = [None, None, None]
+    if need_x or need_w or need_b:
+        if ctx.activation != "none" and not ctx.store_preact:
+            raise RuntimeError("vitfast::linear_fwd ran with store_preact=False, so its activation cannot "
+                               "be differentiated; vitfast.ops.linear asks for the pre-activation itself")
+        x, weight, z = ctx.saved_tensors
+        dx, dw, db = torch.ops.vitfast.linear_bwd(dy, x, weight, z, ctx.activation, need_x, need_w, need_b)
+        grads = [dx if need_x else None, dw if need_w else None, db if need_b else None]
+    # dR = dY: the residual is added after the activation.
+    return (*grads, dy if need_r else None, None, None)
+
+
+torch.library.register_autograd("vitfast::linear_fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("vitfast::linear_bwd", mutates_args=())
+def _linear_bwd(
+    dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor], z: Optional[Tensor], activation: str,
+    compute_dx: bool, compute_dw: bool, compute_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of x [M, K] (needs weight), weight [N, K] (needs x) and bias [N] from dy [M, N] and
+    the stored pre-activation z, all in dy's dtype; empty where not asked for.
+
+    dZ = dy ⊙ act'(z) is one elementwise kernel (dZ is dy itself for "none"); dX and dW are the
+    forward GEMM kernel reading its operands transposed; dB is a fp32 torch sum of dZ's rows."""
+    from ..kernels.linear import activation_bwd, linear_bwd
+
+    runtime.record_launch("linear_bwd")
+    M, N = dy.shape
+    dz = dy
+    if activation != "none":
+        dz = runtime.empty(M, N, dtype=dy.dtype, device=dy.device)
+        activation_bwd(dy, z, activation, dz)
+    dx = runtime.empty(M, weight.shape[1], dtype=dy.dtype, device=dy.device) if compute_dx else None
+    dw = runtime.empty(N, x.shape[1], dtype=dy.dtype, device=dy.device) if compute_dw else None
+    linear_bwd(dz, x, weight, dx, dw)
+    empty = dy.new_empty(0)
+    return (empty if dx is None else dx, empty.clone() if dw is None else dw,
+            dz.sum(0, dtype=torch.float32).to(dy.dtype) if compute_db else empty.clone())
+
+
+@_linear_bwd.register_fake
+def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db):
+    M, N = dy.shape
+    return (dy.new_empty((M, weight.shape[1]) if compute_dx else (0,)),
+            dy.new_empty((N, x.shape[1]) if compute_dw else (0,)),
+            dy.new_empty(N if compute_db else 0))
 
 
 def _activation(activation: str | None) -> str:
@@ -79,9 +147,9 @@ def _check_residual(x: Tensor, residual: Tensor | None, out_width: int) -> None:
         check_same_dtype("residual", residual, "x", x)
 
 
-def _kernel_path(x: Tensor, out_width: int, *others: Tensor | None) -> bool:
-    """Whether the Triton kernel takes this call (else the PyTorch fallback, which has autograd)."""
-    if out_width == 0 or not runtime.use_triton(x) or runtime.needs_autograd(x, *others):
+def _kernel_path(x: Tensor, out_width: int) -> bool:
+    """Whether the Triton kernels take this call, forward and backward (else the PyTorch fallback)."""
+    if out_width == 0 or not runtime.use_triton(x):
         return False
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # Triton's interpreter computes bf16 tl.dot wrongly (ENVIRONMENT.md): never a wrong answer.
@@ -98,9 +166,11 @@ def _fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
 
 def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
             residual: Tensor | None) -> Tensor:
-    """One kernel over rows x2 [M, K]; the residual, shaped like the output, is viewed as rows."""
+    """One kernel over rows x2 [M, K]; the residual, shaped like the output, is viewed as rows.
+    Training stores the pre-activation for the backward rather than recomputing a GEMM there."""
     r2 = None if residual is None else residual.reshape(x2.shape[0], weight.shape[0])
-    return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation)
+    store_preact = activation != "none" and runtime.needs_autograd(x2, weight, bias)
+    return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation, store_preact)[0]
 
 
 def linear(
@@ -115,7 +185,7 @@ def linear(
     ``x`` is any [..., in] tensor; ``activation`` is None/"none", "gelu" (exact, erf), "gelu_tanh"
     or "relu"; ``residual`` has the output's shape [..., out]. The product accumulates in fp32
     (TF32 for fp32 inputs only where ``torch.backends.cuda.matmul.allow_tf32`` allows it) and is
-    rounded to ``x``'s dtype once.
+    rounded to ``x``'s dtype once. Differentiable: the backward runs on Triton kernels too.
 
     >>> x = torch.randn(2, 197, 768)
     >>> w, b = torch.randn(3072, 768), torch.randn(3072)
@@ -128,7 +198,7 @@ def linear(
     _check_residual(x, residual, out_width)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
 
-    if _kernel_path(x, out_width, weight, bias, residual):
+    if _kernel_path(x, out_width):
         runtime.record_launch("linear")
         y = _launch(_rows(x, x.shape[-1]), weight, bias, act, residual)
         return y.view(*x.shape[:-1], out_width)
@@ -148,6 +218,7 @@ def mlp(
 
     fc1 + bias + activation run in one kernel's epilogue, fc2 + bias + residual in the next; the
     hidden activations make one round trip through memory in ``x``'s dtype, as in PyTorch.
+    Gradients flow through both launches' backward kernels.
 
     >>> x = torch.randn(2, 197, 768)
     >>> w1, b1, w2, b2 = torch.randn(3072, 768), torch.randn(3072), torch.randn(768, 3072), torch.randn(768)
@@ -161,7 +232,7 @@ def mlp(
     check_same_device(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                       fc2_bias=fc2_bias, residual=residual)
 
-    if hidden > 0 and _kernel_path(x, out_width, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    if hidden > 0 and _kernel_path(x, out_width):
         runtime.record_launch("mlp")
         h = _launch(_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None)
         y = _launch(h, fc2_weight, fc2_bias, "none", residual)
