@@ -1,7 +1,10 @@
-"""LayerNorm forward over the last dimension, optionally fused with the residual add before it.
+"""LayerNorm over the last dimension, optionally fused with the residual add before it: forward and
+backward.
 
-Memory traffic per row of width N (element size e): read x (and r), write y (and s = x + r):
+Forward memory traffic per row of width N (element size e): read x (and r), write y (and s = x + r):
 2·N·e bytes without the residual, 4·N·e with it, plus 8 bytes of fp32 statistics when kept.
+Backward: read dy, the normalised input and the statistics (and ds), write dx: 3·N·e (4·N·e), plus
+one fp32 partial row of dweight and dbias per program.
 """
 from __future__ import annotations
 
@@ -108,3 +111,110 @@ def layer_norm_fwd(
         HAS_BIAS=bias is not None, STORE_STATS=mean is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, DS, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
+    M, N, ROWS_PER_PROGRAM,
+    stride_dy, stride_ds, stride_xin, stride_dx,
+    HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Gradients of ``y = LayerNorm(xin) * w + b`` for the ROWS_PER_PROGRAM rows of one program.
+
+    DY: [M, N] upstream gradient of y (row stride ``stride_dy``, unit column stride).
+    DS: [M, N] gradient arriving on the returned sum s = x + r from outside the norm, added to the
+       input gradient (read only when HAS_DS).
+    XIN: [M, N] the tensor the forward normalised (x, or the stored s when the residual was fused).
+    W: [N] affine weight, any float dtype, read as fp32 (when HAS_WEIGHT).
+    MEAN, RSTD: [M] fp32 statistics the forward stored.
+    DX: [M, N] gradient of xin (plus DS), dtype of xin (written when COMPUTE_DX).
+    DW_PART, DB_PART: [num_programs, N] fp32, one row of partial sums over this program's rows of
+       dy · x̂ and dy (written when COMPUTE_DW / COMPUTE_DB); the launcher reduces them.
+    All arithmetic is fp32; DX is rounded once, on the store.
+    """
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first = pid * ROWS_PER_PROGRAM
+    for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = first + r0 + tl.arange(0, BLOCK_M)
+        row_ok = (rows < M) & (r0 + tl.arange(0, BLOCK_M) < ROWS_PER_PROGRAM)
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xin = tl.load(XIN + rows64[:, None] * stride_xin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows64, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows64, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (xin - mean[:, None]) * rstd[:, None], 0.0)
+        if COMPUTE_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if COMPUTE_DB:
+            db_acc += tl.sum(dy, axis=0)
+        if COMPUTE_DX:
+            g = dy
+            if HAS_WEIGHT:
+                g = g * w[None, :]
+            # d xhat / d xin removes the mean of g and its projection on xhat, then scales by rstd.
+            mean_g = tl.sum(g, axis=1) / N
+            mean_gx = tl.sum(g * xhat, axis=1) / N
+            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            if HAS_DS:
+                dx += tl.load(DS + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=col_ok)
+    if COMPUTE_DB:
+        tl.store(DB_PART + pid * N + cols, db_acc, mask=col_ok)
+
+
+def _backward_programs(m: int, block_m: int, on_gpu: bool) -> tuple[int, int]:
+    """(programs, rows per program). Each program writes one fp32 partial row of the weight and bias
+    gradients, so their count is capped: 512 fills an H100's 132 SMs a few times over while the
+    partials stay far below the row traffic; the interpreter takes 4, so its loops run several rows."""
+    blocks = triton.cdiv(m, block_m)
+    rows_per_program = triton.cdiv(blocks, min(blocks, 512 if on_gpu else 4)) * block_m
+    return triton.cdiv(m, rows_per_program), rows_per_program
+
+
+def layer_norm_bwd(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    xin: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dx: torch.Tensor | None,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Launch over 2-D views [M, N] with unit column stride; fills ``dx`` (when given) and returns the
+    fp32 weight and bias gradients [N] (None where not asked for)."""
+    M, N = xin.shape
+    if M == 0:
+        zeros = xin.new_zeros(N, dtype=torch.float32)
+        return (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
+    for t in (dy, ds, xin, dx):
+        assert t is None or (t.dim() == 2 and t.stride(1) == 1)
+    block_m, block_n, num_warps = _launch_config(N)
+    programs, rows_per_program = _backward_programs(M, block_m, xin.is_cuda)
+    dw_part = torch.empty(programs if compute_dw else 0, N, dtype=torch.float32, device=xin.device)
+    db_part = torch.empty(programs if compute_db else 0, N, dtype=torch.float32, device=xin.device)
+    dummy = xin  # stands in for absent pointers; never dereferenced behind a false constexpr
+    _layer_norm_bwd_kernel[(programs,)](
+        dy, ds if ds is not None else dummy, xin, weight if weight is not None else dummy,
+        mean, rstd, dx if dx is not None else dummy, dw_part, db_part,
+        M, N, rows_per_program,
+        dy.stride(0), ds.stride(0) if ds is not None else 0, xin.stride(0),
+        dx.stride(0) if dx is not None else 0,
+        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
+        COMPUTE_DX=dx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return (dw_part.sum(0) if compute_dw else None), (db_part.sum(0) if compute_db else None)

@@ -119,12 +119,14 @@ def test_layer_norm_module_drop_in():
     assert shared.weight is ref_mod.weight
 
 
-def test_layer_norm_gradients_flow_through_fallback():
-    """Without a backward kernel yet, inputs that need gradients take the PyTorch path."""
+def test_layer_norm_gradients_run_on_the_kernels():
+    """Inputs that need gradients take the forward kernel and, on backward, the backward kernel."""
     x = torch.randn(4, 100, device=DEVICE, requires_grad=True)
     ln = vitfast.modules.LayerNorm(100).to(DEVICE)
     ref = nn.LayerNorm(100).to(DEVICE)
-    ln(x).square().sum().backward()
+    with runtime.count_launches() as launches:
+        ln(x).square().sum().backward()
+    assert launches == {"layer_norm": 1, "layer_norm_bwd": 1}
     gx = x.grad.clone()
     x.grad = None
     ref(x).square().sum().backward()

@@ -43,6 +43,62 @@ def _(x, weight, bias, eps, residual, store_stats):
             x.new_empty(M if store_stats else 0, dtype=torch.float32))
 
 
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, _, residual, store_stats = inputs
+    _, s, mean, rstd = output
+    # s = x + r carries a gradient only from x or r, as PyTorch's own add would.
+    sum_differentiable = residual is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[4])
+    ctx.mark_non_differentiable(mean, rstd, *(() if sum_differentiable else (s,)))
+    ctx.set_materialize_grads(False)  # a sum s that nothing downstream reads sends no gradient
+    ctx.save_for_backward(x if residual is None else s, weight, mean, rstd)
+    ctx.has_stats = store_stats
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy: Tensor | None, ds: Tensor | None, _dmean, _drstd):
+    xin, weight, mean, rstd = ctx.saved_tensors
+    if not ctx.has_stats:
+        raise RuntimeError("vitfast::layer_norm_fwd ran with store_stats=False, so it cannot be "
+                           "differentiated; vitfast.ops.layer_norm asks for the statistics itself")
+    need_x, need_w, need_b, _, need_r, _ = ctx.needs_input_grad
+    if dy is None:  # only the sum s is used downstream
+        dy = torch.zeros_like(xin)
+    width = xin.shape[-1]
+    dx, dw, db = torch.ops.vitfast.layer_norm_bwd(
+        _rows(dy, width), None if ds is None else _rows(ds, width), xin, weight, mean, rstd,
+        need_x or need_r, need_w, need_b)
+    return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+            db.to(ctx.bias_dtype) if need_b else None, None, dx if need_r else None, None)
+
+
+torch.library.register_autograd("vitfast::layer_norm_fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("vitfast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(
+    dy: Tensor, ds: Optional[Tensor], xin: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    compute_dx: bool, compute_dw: bool, compute_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of xin (plus ds; dtype of xin), weight and bias (fp32 [N]); empty where not asked."""
+    from ..kernels.layer_norm import layer_norm_bwd
+
+    runtime.record_launch("layer_norm_bwd")
+    M, N = xin.shape
+    dx = runtime.empty(M, N, dtype=xin.dtype, device=xin.device) if compute_dx else None
+    dw, db = layer_norm_bwd(dy, ds, xin, weight, mean, rstd, dx, compute_dw, compute_db)
+    empty = xin.new_empty(0, dtype=torch.float32)
+    return (xin.new_empty(0) if dx is None else dx, empty if dw is None else dw,
+            empty.clone() if db is None else db)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, ds, xin, weight, mean, rstd, compute_dx, compute_dw, compute_db):
+    M, N = xin.shape
+    return (xin.new_empty((M, N) if compute_dx else (0,)),
+            xin.new_empty(N if compute_dw else 0, dtype=torch.float32),
+            xin.new_empty(N if compute_db else 0, dtype=torch.float32))
+
+
 def _fallback(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     params = [p for p in (weight, bias) if p is not None]
     if any(p.dtype != x.dtype for p in params):
@@ -64,6 +120,8 @@ def layer_norm(
     Returns ``y`` when ``residual`` is None and ``(y, x + residual)`` otherwise; the sum is what the
     next residual connection needs, so a pre-norm block reads the residual stream once.
     Statistics are fp32 whatever the input dtype; outputs have the dtype of ``x``.
+    Differentiable: when an input requires grad the forward keeps its fp32 statistics and the
+    backward runs a Triton kernel too (dx, and dweight/dbias from per-program fp32 partial sums).
 
     >>> x = torch.randn(2, 197, 768)
     >>> w, b = torch.ones(768), torch.zeros(768)
@@ -86,7 +144,7 @@ def layer_norm(
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
-    if runtime.use_triton(x) and not runtime.needs_autograd(x, weight, bias, residual):
+    if runtime.use_triton(x):
         from ..kernels.layer_norm import MAX_WIDTH
 
         if width > MAX_WIDTH:
@@ -94,9 +152,11 @@ def layer_norm(
                               f"vitfast.layer_norm: width {width} > {MAX_WIDTH}; using PyTorch")
         else:
             runtime.record_launch("layer_norm")
+            # Training keeps the fp32 statistics for the backward kernel.
             y, s, _, _ = torch.ops.vitfast.layer_norm_fwd(
                 _rows(x, width), weight, bias, float(eps),
-                None if residual is None else _rows(residual, width), False)
+                None if residual is None else _rows(residual, width),
+                runtime.needs_autograd(x, weight, bias, residual))
             y = y.view(x.shape)
             return y if residual is None else (y, s.view(x.shape))
 
