@@ -1,0 +1,70 @@
+"""Patch embedding modules on vitfast's fused ``patch_embed`` op."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..ops.patch_embed import patch_embed
+from ._share import share_as
+
+
+def _check_patch_conv(conv: nn.Module) -> None:
+    """The fused op computes a stride-P, unpadded, ungrouped P x P convolution and nothing else."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"proj must be an nn.Conv2d, got {type(conv).__name__}")
+    k = conv.kernel_size
+    expected = dict(kernel_size=(k[0], k[0]), stride=k, padding=(0, 0), dilation=(1, 1), groups=1)
+    for name, want in expected.items():
+        got = getattr(conv, name)
+        if got != want:
+            raise ValueError(f"proj.{name} must be {want} for a patch embedding, got {got}")
+
+
+class PatchEmbedding(reference.PatchEmbedding):
+    """Drop-in for ``vitfast.reference.PatchEmbedding`` ([B, C, H, W] -> [B, N, D]): same constructor,
+    ``proj.weight``/``proj.bias`` and ``state_dict``; the projection runs as one fused GEMM.
+
+    >>> pe = PatchEmbedding(224, 16, 3, 768)
+    >>> pe.load_state_dict(vitfast.reference.PatchEmbedding(224, 16, 3, 768).state_dict())
+    <All keys matched successfully>
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return patch_embed(x, self.proj.weight, self.proj.bias)
+
+    @classmethod
+    def from_torch(cls, module: reference.PatchEmbedding) -> "PatchEmbedding":
+        """A vitfast PatchEmbedding sharing ``module``'s parameters (no copy)."""
+        _check_patch_conv(module.proj)
+        return share_as(module, cls)
+
+
+class PatchEmbeddingStage(nn.Module):
+    """A ViT's whole embedding stage in one launch: images [B, C, H, W] -> tokens [B, 1 + N, D]
+    (or [B, N, D] without a class token), i.e. projection, bias, CLS token and position embedding.
+
+    Holds references to the given ``proj`` conv and Parameters (shared, never copied); a
+    ``pos_embed`` and ``cls_token`` given as None are left out. ``resample_pos_embed`` and
+    ``pos_grid`` keep their meaning in ``vitfast.ops.patch_embed``.
+
+    >>> vit = vitfast.reference.vit_tiny()
+    >>> stage = PatchEmbeddingStage(vit.patch_embed.proj, vit.cls_token, vit.pos_embed)
+    >>> stage(torch.randn(2, 3, 224, 224)).shape
+    torch.Size([2, 197, 192])
+    """
+
+    def __init__(self, proj: nn.Conv2d, cls_token: nn.Parameter | None = None,
+                 pos_embed: nn.Parameter | None = None, *, resample_pos_embed: bool = False,
+                 pos_grid: tuple[int, int] | None = None):
+        super().__init__()
+        _check_patch_conv(proj)
+        self.proj = proj
+        self.register_parameter("cls_token", cls_token)
+        self.register_parameter("pos_embed", pos_embed)
+        self.resample_pos_embed = resample_pos_embed
+        self.pos_grid = pos_grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return patch_embed(images, self.proj.weight, self.proj.bias, self.cls_token, self.pos_embed,
+                               resample_pos_embed=self.resample_pos_embed, pos_grid=self.pos_grid)
