@@ -1,9 +1,13 @@
 """vitfast: Vision Transformers on hand-written Triton kernels.
 
 >>> import vitfast
->>> y = vitfast.ops.layer_norm(torch.randn(4, 768), torch.ones(768), torch.zeros(768))
+>>> model = vitfast.optimize(model)          # the model you have, on fused kernels
+>>> print(model.vitfast_report)              # what was swapped, and what was left alone and why
 """
-from . import ops, modules, runtime
+from . import modules, ops, reference, runtime
+from .convert import Report, optimize
+from .modules import FastTransformerEncoder, FastTransformerEncoderLayer
 
 __version__ = "0.1.0"
-__all__ = ["ops", "modules", "runtime", "__version__"]
+__all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer", "Report", "modules", "ops", "optimize",
+           "reference", "runtime", "__version__"]
