@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
 # H100/H200 shared memory per block (227 KiB opt-in); configs whose pipeline needs more are pruned.
@@ -85,7 +87,7 @@ def _gelu_tanh_gate(z):
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _hopper_configs(),
+    configs=_interpreter_configs() if _interpreting() else _tuning.configs(_hopper_configs()),
     # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
     key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},

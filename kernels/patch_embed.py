@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 
 @triton.jit
 def _tile_ids(n_cols, BLOCK_N: tl.constexpr):
@@ -218,14 +220,14 @@ def _pruner(cols: str, reduction: str, operand: str):
 
 
 _patch_embed_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _pruner("D", "K", "X")},
+    configs=_tuning.configs(_hopper_configs()), key=["D", "K"], prune_configs_by={"early_config_prune": _pruner("D", "K", "X")},
 )(_patch_embed_kernel)
 _dweight_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "K"],
+    configs=_tuning.configs(_hopper_configs()), key=["D", "K"],
     prune_configs_by={"early_config_prune": _pruner("K", "TOKENS_PER_SPLIT", "X")},
 )(_patch_embed_dweight_kernel)
 _dimages_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["K", "D"], prune_configs_by={"early_config_prune": _pruner("K", "D", "W")},
+    configs=_tuning.configs(_hopper_configs()), key=["K", "D"], prune_configs_by={"early_config_prune": _pruner("K", "D", "W")},
 )(_patch_embed_dimages_kernel)
 
 # One fixed tile under the interpreter (CPU tensors): fast, deterministic tests.

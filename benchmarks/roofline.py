@@ -1,0 +1,100 @@
+"""Counted FLOPs and bytes of every fused op in one ViT forward, and the time each needs at least.
+
+    python benchmarks/roofline.py                       # ViT-B/16, 224 px, bf16, batch 256, H100 peaks
+    python benchmarks/roofline.py --model vit_large --batch 32 --matmul-tflops 790 --copy-gbs 4300
+
+Bytes are the compulsory HBM traffic of vitfast's fused schedule (each operand read once, each
+result written once; weights once per launch), so ``max(flops / matmul peak, bytes / copy peak)``
+is a lower bound per launch. The peaks default to what ENVIRONMENT.md records for an H100
+(bf16 8192³ matmul ~780 TFLOP/s, device copy ~3.0 TB/s counting read + written); pass the peaks a
+``python -m vitfast bench`` run measured to compare a run with its own roofline (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from vitfast import reference
+from vitfast.bench import flops_per_image, shape_of
+
+
+@dataclass
+class Op:
+    name: str
+    launches: int  # per forward
+    flops: float  # per forward, all launches
+    bytes: float
+
+    def bound_ms(self, tflops: float, gbs: float) -> float:
+        return max(self.flops / (tflops * 1e12), self.bytes / (gbs * 1e9)) * 1e3
+
+    def limiter(self, tflops: float, gbs: float) -> str:
+        return "compute" if self.flops / (tflops * 1e12) >= self.bytes / (gbs * 1e9) else "memory"
+
+
+def vit_ops(model: str, batch: int, img: int, elem: int) -> list[Op]:
+    with torch.device("meta"):
+        s = shape_of(getattr(reference, model)(img_size=img))
+    b, n, d, h, hid, L = batch, s.tokens, s.embed_dim, s.num_heads, s.mlp_hidden, s.depth
+    m = b * n  # token rows
+    gemm = lambda k, o, extra_rows=0: (2.0 * m * k * o, elem * (m * k + k * o + o + m * o + extra_rows * m * o))  # noqa: E731
+    ops = [Op("patch_embed (im2col GEMM + bias + CLS + pos)", 1, 2.0 * b * s.n_patches * s.patch_dim * d,
+              elem * (b * s.n_patches * s.patch_dim + s.patch_dim * d + n * d + m * d))]
+    qkv_f, qkv_b = gemm(d, 3 * d)
+    attn_f = 4.0 * b * h * n * n * (d // h)
+    attn_b = elem * (3 * m * d + m * d) + 4.0 * b * h * n  # q, k, v read once, out written, fp32 lse
+    proj_f, proj_b = gemm(d, d, extra_rows=1)  # + residual read
+    fc1_f, fc1_b = gemm(d, hid)
+    fc2_f, fc2_b = gemm(hid, d, extra_rows=1)
+    ln_b = elem * 2 * m * d + 2 * d * elem
+    ops += [
+        Op("layer_norm (x2 per layer)", 2 * L, 0.0, 2 * L * ln_b),
+        Op("linear qkv", L, L * qkv_f, L * qkv_b),
+        Op("attention", L, L * attn_f, L * attn_b),
+        Op("linear proj + residual", L, L * proj_f, L * proj_b),
+        Op("mlp fc1 + GELU", L, L * fc1_f, L * fc1_b),
+        Op("mlp fc2 + residual", L, L * fc2_f, L * fc2_b),
+        Op("head (CLS rows)", 1, 2.0 * b * d * s.num_classes, elem * (b * d + d * s.num_classes + b * s.num_classes)),
+    ]
+    counted = sum(o.flops for o in ops)
+    assert abs(counted - batch * flops_per_image(s)) <= 1e-6 * counted, "FLOP counts disagree with vitfast.bench"
+    return ops
+
+
+def table(ops: list[Op], tflops: float, gbs: float, batch: int) -> str:
+    lines = ["| op | launches | GFLOP | MB moved | FLOP/byte | bound by | lower bound ms |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for o in ops:
+        intensity = o.flops / o.bytes if o.bytes else float("inf")
+        lines.append(f"| {o.name} | {o.launches} | {o.flops / 1e9:,.1f} | {o.bytes / 1e6:,.1f} | {intensity:,.0f} | "
+                     f"{o.limiter(tflops, gbs)} | {o.bound_ms(tflops, gbs):.3f} |")
+    total_ms = sum(o.bound_ms(tflops, gbs) for o in ops)
+    total_f = sum(o.flops for o in ops)
+    lines.append(f"| **total** | {sum(o.launches for o in ops)} | {total_f / 1e9:,.1f} | "
+                 f"{sum(o.bytes for o in ops) / 1e6:,.1f} | | | **{total_ms:.3f}** |")
+    lines.append("")
+    lines.append(f"At the bound: {batch / total_ms * 1e3:,.0f} images/s, {total_f / total_ms / 1e9:,.0f} TFLOP/s "
+                 f"({total_f / total_ms / 1e9 / tflops:.0%} of the {tflops:.0f} TFLOP/s matmul peak); "
+                 f"{total_f / batch / 1e9:.2f} GFLOP per image.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base", choices=sorted(reference.CONFIGS))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--bytes-per-element", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
+    p.add_argument("--matmul-tflops", type=float, default=780.0)
+    p.add_argument("--copy-gbs", type=float, default=3000.0)
+    a = p.parse_args(argv)
+    ops = vit_ops(a.model, a.batch, a.img_size, a.bytes_per_element)
+    print(f"{a.model}, {a.img_size} px, batch {a.batch}, {a.bytes_per_element}-byte elements; peaks "
+          f"{a.matmul_tflops:.0f} TFLOP/s, {a.copy_gbs:.0f} GB/s\n")
+    print(table(ops, a.matmul_tflops, a.copy_gbs, a.batch))
+
+
+if __name__ == "__main__":
+    main()
