@@ -1,16 +1,24 @@
-"""Attention forward in the FlashAttention-2 style, reading Q, K and V through strides.
+"""Attention in the FlashAttention-2 style, forward and backward, reading Q, K and V through strides.
 
-One program owns BLOCK_M query rows of one (batch, head); it streams K and V in BLOCK_N-row tiles,
-keeps an fp32 running max and sum (online softmax, base 2) and an fp32 accumulator, and divides once
-at the end, so the N×N score matrix never exists in memory. Memory traffic per (batch, head): read
-Q once and K, V once per query tile, write O once and an fp32 log-sum-exp per row.
+Forward: one program owns BLOCK_M query rows of one (batch, head); it streams K and V in BLOCK_N-row
+tiles, keeps an fp32 running max and sum (online softmax, base 2) and an fp32 accumulator, and
+divides once at the end, so the N×N score matrix never exists in memory. Memory traffic per
+(batch, head): read Q once and K, V once per query tile, write O once and an fp32 log-sum-exp per row.
 
-Q, K, V and O are [B, H, N, d] views with unit last stride and any other strides. The op passes views
-of the packed in-projection output [B, N, 3·H·d] (no permute, no copy) or of SDPA-layout tensors.
+Backward (FlashAttention-2, Dao 2023, Algorithm 2), from the saved log-sum-exp, in three launches:
+  1. Δ = rowsum(dO ⊙ O) − dlse, fp32, one value per query row;
+  2. one program per (key tile, batch·head) streams the query tiles, recomputes P = exp(S − lse) and
+     accumulates dV = Pᵀ dO and dK = scale · dSᵀ Q with dS = P ⊙ (dO Vᵀ − Δ);
+  3. one program per (query tile, batch·head) streams the key tiles and accumulates dQ = scale · dS K.
+dQ gets its own kernel rather than fp32 atomics from launch 2: each gradient element is written once
+by one program, so the backward is deterministic (bit-identical run to run) and needs no zeroed
+fp32 scratch buffer, for the price of recomputing S and dP a second time.
+
+Q, K, V, O and their gradients are [B, H, N, d] views with unit last stride and any other strides.
+The op passes views of the packed in-projection output [B, N, 3·H·d] (no permute, no copy) and of
+its gradient, or SDPA-layout tensors.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -39,35 +47,47 @@ def _masked_scores(s, ptrs, valid, KIND: tl.constexpr):
     return s
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles whose K/V pipeline overflows shared memory or whose accumulator spills."""
-    elem = named_args["Q"].element_size()
-    block_d = triton.next_power_of_2(named_args["HEAD_DIM"])
-    fit = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = (bm + 2 * c.num_stages * bn) * block_d * elem
-        acc_per_thread = bm * block_d // (32 * c.num_warps)
-        if smem <= 200 * 1024 and acc_per_thread <= 64:
-            fit.append(c)
-    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+@triton.jit
+def _mask_tile(s, qi, kj, N_CTX, MASK, KPM, stride_mm, stride_mn, stride_pn,
+               MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Every mask on a tile of scores ``s`` (log2 units), in either orientation: ``qi`` and ``kj``
+    are the query and key indices as broadcastable 2-D arrays ([M, 1] and [1, N], or transposed).
+    MASK and KPM point at this (batch, head)'s mask and this batch's padding row. Keys past N_CTX
+    get -inf, so padded tile columns carry no probability."""
+    key_ok = kj < N_CTX
+    s = tl.where(key_ok, s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(kj <= qi, s, float("-inf"))
+    s = _masked_scores(s, KPM + kj * stride_pn, key_ok, KPM_KIND)
+    s = _masked_scores(s, MASK + qi.to(tl.int64) * stride_mm + kj * stride_mn, (qi < N_CTX) & key_ok, MASK_KIND)
+    return s
 
 
-def _configs() -> list[triton.Config]:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # One small tile under the interpreter keeps CPU tests fast and deterministic.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
-            (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3),
-        ]
-    ]
+@triton.jit
+def _tile_program(N_CTX, H, BLOCK: tl.constexpr):
+    """This program's BLOCK-token tile and its (batch·head, batch, head); consecutive programs share
+    a (batch, head), so the tiles they stream stay in L2."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(N_CTX, BLOCK)
+    bh = pid // tiles
+    return pid % tiles, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
 
-@triton.autotune(configs=_configs(), key=["N_CTX", "HEAD_DIM"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _tile_ptrs(BASE, b, h, stride_b, stride_h, stride_n, tokens, dims):
+    """Pointers to the [tokens, dims] tile of one (batch, head) of a [B, H, N, d] view (int64 offsets)."""
+    return BASE + b * stride_b + h * stride_h + tokens.to(tl.int64)[:, None] * stride_n + dims[None, :]
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, bh, rows, N_CTX):
+    """The forward's log-sum-exp (in log2 units) and Δ of query ``rows``; a padded row reads
+    lse = +inf, so its P, and every product it enters, is exactly 0."""
+    offs = bh.to(tl.int64) * N_CTX + rows
+    lse = tl.load(LSE + offs, mask=rows < N_CTX, other=float("inf")) * _LOG2E
+    return lse, tl.load(DELTA + offs, mask=rows < N_CTX, other=0.0)
+
+
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
@@ -98,27 +118,20 @@ def _attention_fwd_kernel(
     Fuses the scale, the masks, causal masking, the softmax and both products; a row whose keys
     are all masked yields zeros.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_CTX, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
+    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N_CTX
     dim_ok = dims < HEAD_DIM
+    qd_ok = row_ok[:, None] & dim_ok[None, :]
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_qn + dims[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    # Tile pointers start at key 0 and advance by BLOCK_N rows; the int64 base carries large offsets.
-    k_ptrs = K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + dims[None, :]
-    m_ptrs = MASK + b * stride_mb + h * stride_mh + rows.to(tl.int64)[:, None] * stride_mm \
-        + cols[None, :] * stride_mn
-    p_ptrs = KPM + b * stride_pb + cols[None, :] * stride_pn
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+    # Tile pointers start at key 0 and advance by BLOCK_N rows.
+    k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, cols, dims)
+    v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, cols, dims)
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    kpm_base = KPM + b * stride_pb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,11 +147,8 @@ def _attention_fwd_kernel(
         key_ok = keys < N_CTX
         k = tl.load(k_ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        if IS_CAUSAL:
-            s = tl.where(keys[None, :] <= rows[:, None], s, float("-inf"))
-        s = _masked_scores(s, p_ptrs, key_ok[None, :], KPM_KIND)
-        s = _masked_scores(s, m_ptrs, row_ok[:, None] & key_ok[None, :], MASK_KIND)
+        s = _mask_tile(s, rows[:, None], keys[None, :], N_CTX, mask_base, kpm_base,
+                       stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # While every key so far is masked the max is -inf; shift by 0 so p = 0, never NaN.
@@ -152,16 +162,231 @@ def _attention_fwd_kernel(
 
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        m_ptrs += BLOCK_N * stride_mn
-        p_ptrs += BLOCK_N * stride_pn
 
     alive = l_i > 0.0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_on + dims[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, dims), out.to(O.dtype.element_ty),
+             mask=qd_ok)
     lse = tl.where(alive, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))
     tl.store(LSE + bh.to(tl.int64) * N_CTX + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_on,
+    stride_db, stride_dh, stride_dn,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Δ = rowsum(dO ⊙ O) − dlse for BLOCK_M query rows of one (batch, head).
+
+    O, DO: [B, H, N, HEAD_DIM] forward output and its gradient (unit last stride, any other strides).
+    DLSE: [B, H, N] contiguous fp32 gradient of the log-sum-exp output, read when HAS_DLSE
+       (d lse / d s = P, so it folds into Δ: dS = P ⊙ (dP − Δ)).
+    DELTA: [B, H, N] contiguous fp32 output.
+    """
+    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N_CTX
+    ok = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, dims), mask=ok, other=0.0)
+    do = tl.load(_tile_ptrs(DO, b, h, stride_db, stride_dh, stride_dn, rows, dims), mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_ptr = bh.to(tl.int64) * N_CTX + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row_ptr, mask=row_ok, other=0.0)
+    tl.store(DELTA + row_ptr, delta, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, N_CTX, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK and dV for BLOCK_N keys of one (batch, head), streaming BLOCK_M-row query tiles.
+
+    Q, K, V, DO: [B, H, N, HEAD_DIM] forward inputs and output gradient, one float dtype (unit last
+       stride, strides ``stride_{q,k,v,do}*``).
+    LSE: [B, H, N] contiguous fp32 log-sum-exp from the forward (+inf for a row with no allowed
+       key, so its P and hence its contribution is exactly 0). DELTA: [B, H, N] contiguous fp32 Δ.
+    DK, DV: [B, H, N, HEAD_DIM] outputs in the dtype of Q (strides ``stride_{dk,dv}*``; the op
+       passes views of the packed gradient [B, N, 3·H·HEAD_DIM] or contiguous tensors).
+    MASK, KPM, qk_scale: as in the forward; sm_scale is the softmax scale itself.
+    Works on the transposed tile Sᵀ (keys × queries) so that Pᵀ and dSᵀ feed the dots directly.
+    """
+    pid_n, bh, b, h = _tile_program(N_CTX, H, BLOCK_N)
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    kd_ok = (keys < N_CTX)[:, None] & dim_ok[None, :]
+    k = tl.load(_tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, keys, dims), mask=kd_ok, other=0.0)
+    v = tl.load(_tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, keys, dims), mask=kd_ok, other=0.0)
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    kpm_base = KPM + b * stride_pb
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Causal: queries before this key tile's first key never see it; start at the tile holding it.
+    if IS_CAUSAL:
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    else:
+        lo = 0
+    for start_m in range(lo, N_CTX, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < N_CTX
+        qd_ok = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+        do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, dims), mask=qd_ok, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, N_CTX)
+
+        st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        st = _mask_tile(st, rows[None, :], keys[:, None], N_CTX, mask_base, kpm_base,
+                        stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
+        pt = tl.math.exp2(st - lse[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+        dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
+
+    dk *= sm_scale
+    tl.store(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, stride_dkn, keys, dims), dk.to(DK.dtype.element_ty),
+             mask=kd_ok)
+    tl.store(_tile_ptrs(DV, b, h, stride_dvb, stride_dvh, stride_dvn, keys, dims), dv.to(DV.dtype.element_ty),
+             mask=kd_ok)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_pb, stride_pn,
+    H, N_CTX, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ = scale · (P ⊙ (dO Vᵀ − Δ)) K for BLOCK_M query rows of one (batch, head), streaming
+    BLOCK_N-row key tiles. Pointers as in ``_attention_bwd_dkdv_kernel``; DQ: [B, H, N, HEAD_DIM]
+    output in the dtype of Q (strides ``stride_dq*``)."""
+    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N_CTX
+    dim_ok = dims < HEAD_DIM
+    qd_ok = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+    do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, dims), mask=qd_ok, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, bh, rows, N_CTX)
+    k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, cols, dims)
+    v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, cols, dims)
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    kpm_base = KPM + b * stride_pb
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        hi = tl.minimum(N_CTX, (pid_m + 1) * BLOCK_M)
+    else:
+        hi = N_CTX
+    for start_n in range(0, hi, BLOCK_N):
+        keys = start_n + cols
+        kd_ok = (keys < N_CTX)[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptrs, mask=kd_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=kd_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = _mask_tile(s, rows[:, None], keys[None, :], N_CTX, mask_base, kpm_base,
+                       stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    dq *= sm_scale
+    tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, dims), dq.to(DQ.dtype.element_ty),
+             mask=qd_ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiles: a short Hopper list per kernel on CUDA tensors, one fixed tile on CPU tensors (interpreter).
+
+_SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
+
+# One small tile under the interpreter keeps CPU tests fast and deterministic, and N = 65 still
+# spans three tiles in both directions.
+_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _hopper_configs(shapes) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _pruner(resident: str, operands: int, accumulators: int, max_acc: int):
+    """An early pruner for a kernel that keeps ``operands`` [rows, d] tiles of ``resident`` rows
+    (BLOCK_M or BLOCK_N) and ``accumulators`` fp32 [rows, d] sums for its whole life, and streams
+    two [rows, d] tiles of the other size through a ``num_stages`` pipeline: drops configs whose
+    shared memory overflows or whose accumulators exceed ``max_acc`` registers per thread."""
+    streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        elem = named_args["Q"].element_size()
+        block_d = triton.next_power_of_2(named_args["HEAD_DIM"])
+        fit = [c for c in configs
+               if (operands * c.kwargs[resident] + 2 * c.num_stages * c.kwargs[streamed]) * block_d * elem
+               <= _SMEM_BYTES
+               and accumulators * c.kwargs[resident] * block_d // (32 * c.num_warps) <= max_acc]
+        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+    return prune
+
+
+_KEY = ["N_CTX", "HEAD_DIM"]  # the autotuner adds the argument dtypes by itself
+_fwd_autotuned = triton.autotune(
+    configs=_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)]),
+    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 1, 1, 64)},
+)(_attention_fwd_kernel)
+# dK/dV keep a key tile resident and stream narrower query tiles; dQ the other way round.
+_dkdv_autotuned = triton.autotune(
+    configs=_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
+                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)]),
+    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, 2, 128)},
+)(_attention_bwd_dkdv_kernel)
+_dq_autotuned = triton.autotune(
+    configs=_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
+                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)]),
+    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, 1, 128)},
+)(_attention_bwd_dq_kernel)
+
+
+def _launch(kernel, autotuned, on_gpu: bool, tile: str, n: int, programs_per_tile: int,
+            args: tuple, meta: dict) -> None:
+    """Launch cdiv(n, tile) · programs_per_tile programs: the autotuned variant on the GPU, the
+    interpreter's fixed tile on CPU tensors."""
+    if on_gpu:
+        autotuned[lambda m: (triton.cdiv(n, m[tile]) * programs_per_tile,)](*args, **meta)
+    else:  # CPU tensors reach a kernel only under Triton's interpreter
+        cfg = _INTERPRETER_CONFIG
+        kernel[(triton.cdiv(n, cfg[tile]) * programs_per_tile,)](*args, **meta, **cfg)
 
 
 def _mask_strides(mask: torch.Tensor | None, heads: int) -> tuple[int, int, int, int]:
@@ -181,6 +406,27 @@ def _mask_arg(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
     return mask, ADDITIVE_MASK
 
 
+def _mask_args(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, heads: int,
+               dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """Kernel arguments for both masks: (pointers, strides) and the constexpr kinds. ``dummy``
+    stands in for an absent mask; it is never dereferenced behind a NO_MASK constexpr."""
+    mask, mask_kind = _mask_arg(attn_mask)
+    kpm, kpm_kind = _mask_arg(key_padding_mask)
+    pointers = (dummy if mask is None else mask, dummy if kpm is None else kpm)
+    strides = (*_mask_strides(mask, heads), *((0, 0) if kpm is None else kpm.stride()))
+    return pointers + strides, dict(MASK_KIND=mask_kind, KPM_KIND=kpm_kind)
+
+
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """(batch, head, token) strides of each [B, H, N, d] view, in order."""
+    return tuple(s for t in tensors for s in t.stride()[:3])
+
+
+def _check_views(B: int, H: int, N: int, d: int, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.shape == (B, H, N, d) and t.stride(3) == 1
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,24 +442,55 @@ def attention_fwd(
     contiguous fp32 lse [B, H, N]. Masks: ``key_padding_mask`` [B, N], ``attn_mask`` [N, N] or
     [B·H, N, N], bool (True = not allowed) or float (additive)."""
     B, H, N, d = q.shape
-    for t in (q, k, v, o):
-        assert t.shape == (B, H, N, d) and t.stride(3) == 1
+    _check_views(B, H, N, d, q, k, v, o)
     assert lse.shape == (B, H, N) and lse.is_contiguous()
     if B * H * N == 0:
         return
-    mask, mask_kind = _mask_arg(attn_mask)
-    kpm, kpm_kind = _mask_arg(key_padding_mask)
-    dummy = lse  # stands in for absent masks; never dereferenced behind a NO_MASK constexpr
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    _attention_fwd_kernel[grid](
-        q, k, v, o, lse, dummy if mask is None else mask, dummy if kpm is None else kpm,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        *_mask_strides(mask, H),
-        *((0, 0) if kpm is None else kpm.stride()),
-        H, N, scale * 1.4426950408889634,
-        HEAD_DIM=d, MASK_KIND=mask_kind, KPM_KIND=kpm_kind, IS_CAUSAL=is_causal,
-        BLOCK_D=triton.next_power_of_2(d),
-    )
+    mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
+    args = (q, k, v, o, lse, *mask_args[:2], *_strides(q, k, v, o), *mask_args[2:],
+            H, N, scale * 1.4426950408889634)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta)
+    _launch(_attention_fwd_kernel, _fwd_autotuned, q.is_cuda, "BLOCK_M", N, B * H, args, meta)
+
+
+def attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+) -> None:
+    """Gradients of ``attention_fwd`` into the [B, H, N, d] views dq, dk, dv (unit last stride, any
+    other strides, e.g. three views of one packed [B, N, 3·H·d] buffer). q, k, v, o, do: [B, H, N, d]
+    views with unit last stride; lse: the forward's contiguous fp32 [B, H, N]; dlse: None or the
+    contiguous fp32 [B, H, N] gradient of lse. Masks, scale and causality as in the forward."""
+    B, H, N, d = q.shape
+    _check_views(B, H, N, d, q, k, v, o, do, dq, dk, dv)
+    for t in (lse, dlse):
+        assert t is None or (t.shape == (B, H, N) and t.is_contiguous() and t.dtype == torch.float32)
+    if B * H * N == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    _attention_bwd_delta_kernel[(triton.cdiv(N, delta_rows) * B * H,)](
+        o, do, lse if dlse is None else dlse, delta, *_strides(o, do), H, N,
+        HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=delta_rows, BLOCK_D=block_d)
+
+    mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=block_d, **mask_meta)
+    scales = (H, N, scale * 1.4426950408889634, scale)
+    args = (q, k, v, do, lse, delta, dk, dv, *mask_args[:2], *_strides(q, k, v, do, dk, dv), *mask_args[2:],
+            *scales)
+    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, q.is_cuda, "BLOCK_N", N, B * H, args, meta)
+    args = (q, k, v, do, lse, delta, dq, *mask_args[:2], *_strides(q, k, v, do, dq), *mask_args[2:], *scales)
+    _launch(_attention_bwd_dq_kernel, _dq_autotuned, q.is_cuda, "BLOCK_M", N, B * H, args, meta)

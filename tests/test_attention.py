@@ -229,13 +229,13 @@ def test_attention_pytorch_fallback_masks_and_lse():
 
 
 def test_attention_gradients_flow_through_fallback():
-    """Without a backward kernel yet, inputs that need gradients take PyTorch's SDPA; empty rows give
-    zero gradients, never NaN."""
+    """On the PyTorch path (CPU without the interpreter) gradients flow through SDPA; empty rows give
+    zero gradients, never NaN. The backward kernels are tested in test_attention_backward.py."""
     B, H, N, d = 2, 3, 17, 64
     kpm = torch.zeros(B, N, dtype=torch.bool, device=DEVICE)
     kpm[1] = True
     qkv = _qkv(B, H, N, d, torch.float32).requires_grad_()
-    with runtime.count_launches() as launches:
+    with runtime.fallback_only(), runtime.count_launches() as launches:
         out = attention(qkv, H, key_padding_mask=kpm)
     assert not launches and out.requires_grad
     grad_out = torch.randn_like(out)

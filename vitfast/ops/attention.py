@@ -11,11 +11,16 @@ Mask convention (both entries): nn.MultiheadAttention's, not SDPA's.
 A query row with no allowed key (every key masked) gives zeros, never NaN (recent SDPA agrees; older
 PyTorch gave NaN), and its log-sum-exp is +inf. Masks are read in place through their strides, so
 a mask broadcast with ``expand`` costs no memory.
+
+Training: inputs that need gradients run FlashAttention-2 backward kernels from the saved fp32
+log-sum-exp (``kernels/attention.py``), through ``torch.library`` custom ops, so autograd and
+``torch.compile`` see them; ``attention`` returns the gradient of ``qkv`` as one packed buffer. The
+kernels compute no gradient for a float mask: a mask that needs one takes the PyTorch path (warned once).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +32,54 @@ from ._validate import FLOAT_DTYPES, check_float, check_same_device, check_tenso
 MAX_HEAD_DIM = 256
 
 
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """[B, H, N, d] view of a tokens-major [B, N, H·d] tensor (a [B, H, N, d] one passes through)."""
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2) if t.dim() == 3 else t
+
+
+def _split_packed(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, N, 3·H·d] -> three [B, H, N, d] views of the same storage; no data moves."""
+    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """The kernels read rows through strides but need unit stride along the last dimension."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+             scale: float, is_causal: bool, tokens_major: bool) -> tuple[Tensor, Tensor]:
+    from ..kernels.attention import attention_fwd
+
+    B, H, N, d = q.shape
+    shape = (B, N, H * d) if tokens_major else (B, H, N, d)  # tokens-major is ready for the out-projection
+    out = runtime.empty(*shape, dtype=q.dtype, device=q.device)
+    lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
+    attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal)
+    return out, lse
+
+
+def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   out: Tensor, lse: Tensor, dlse: Tensor | None, key_padding_mask: Tensor | None,
+                   attn_mask: Tensor | None, scale: float, is_causal: bool) -> None:
+    """Run the backward kernels, writing the [B, H, N, d] views dq, dk, dv."""
+    from ..kernels.attention import attention_bwd
+
+    runtime.record_launch("attention_bwd")
+    H = q.shape[1]
+    dlse = None if dlse is None else dlse.float().contiguous()
+    attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
+                  key_padding_mask, attn_mask, scale, is_causal)
+
+
 @torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     scale: float, is_causal: bool, tokens_major: bool,
 ) -> tuple[Tensor, Tensor]:
-    from ..kernels.attention import attention_fwd
-
-    B, H, N, d = q.shape
-    if tokens_major:  # [B, N, H·d], ready for the out-projection
-        out = runtime.empty(B, N, H * d, dtype=q.dtype, device=q.device)
-        out_view = out.view(B, N, H, d).transpose(1, 2)
-    else:
-        out = out_view = runtime.empty(B, H, N, d, dtype=q.dtype, device=q.device)
-    lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
-    attention_fwd(q, k, v, out_view, lse, key_padding_mask, attn_mask, scale, is_causal)
-    return out, lse
+    """Attention over [B, H, N, d] q, k, v: out [B, N, H·d] if tokens_major else [B, H, N, d], and the
+    fp32 log-sum-exp [B, H, N]."""
+    return _forward(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major)
 
 
 @_attention_fwd.register_fake
@@ -50,6 +87,98 @@ def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major):
     B, H, N, d = q.shape
     out = q.new_empty(B, N, H * d) if tokens_major else q.new_empty(B, H, N, d)
     return out, q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("vitfast::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``vitfast::attention_fwd`` wrt q, k, v: contiguous [B, H, N, d] each."""
+    dq, dk, dv = (runtime.empty(*q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    _backward_into(dq, dk, dv, dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+@torch.library.custom_op("vitfast::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(
+    qkv: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+    scale: float, is_causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Attention over the packed [B, N, 3·H·d] qkv (read in place): out [B, N, H·d] and the fp32
+    log-sum-exp [B, H, N]. Taking qkv whole lets the backward write one packed gradient."""
+    return _forward(*_split_packed(qkv, num_heads), key_padding_mask, attn_mask, scale, is_causal, True)
+
+
+@_attention_packed_fwd.register_fake
+def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal):
+    B, N, width = qkv.shape
+    return qkv.new_empty(B, N, width // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("vitfast::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(
+    dout: Tensor, qkv: Tensor, num_heads: int, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+) -> Tensor:
+    """Gradient of ``vitfast::attention_packed_fwd`` wrt qkv: one contiguous [B, N, 3·H·d] buffer
+    that the kernels write through three strided views, so no stack or copy follows."""
+    dqkv = runtime.empty(*qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward_into(*_split_packed(dqkv, num_heads), dout, *_split_packed(qkv, num_heads), out, lse, dlse,
+                   key_padding_mask, attn_mask, scale, is_causal)
+    return dqkv
+
+
+@_attention_packed_bwd.register_fake
+def _(dout, qkv, num_heads, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal):
+    return qkv.new_empty(qkv.shape)
+
+
+def _save(ctx, tensors: tuple[Tensor, ...], output: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
+          attn_mask: Tensor | None, scale: float, is_causal: bool) -> None:
+    ctx.save_for_backward(*tensors, *output, key_padding_mask, attn_mask)
+    ctx.scale, ctx.is_causal = scale, is_causal
+    # Usually only out reaches the loss: then no zero-filled lse gradient is made, nor read.
+    ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, attn_mask, scale, is_causal, _ = inputs
+    _save(ctx, (q, k, v), output, key_padding_mask, attn_mask, scale, is_causal)
+
+
+def _setup_packed_context(ctx, inputs, output) -> None:
+    qkv, ctx.num_heads, key_padding_mask, attn_mask, scale, is_causal = inputs
+    _save(ctx, (qkv,), output, key_padding_mask, attn_mask, scale, is_causal)
+
+
+def _grad_of_output(dout: Tensor | None, out: Tensor) -> Tensor:
+    return torch.zeros_like(out) if dout is None else dout
+
+
+def _attention_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+    q, k, v, out, lse, kpm, mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vitfast.attention_bwd(_grad_of_output(dout, out), q, k, v, out, lse, dlse, kpm, mask,
+                                                 ctx.scale, ctx.is_causal)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _packed_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+    qkv, out, lse, kpm, mask = ctx.saved_tensors
+    dqkv = torch.ops.vitfast.attention_packed_bwd(_grad_of_output(dout, out), qkv, ctx.num_heads, out, lse, dlse,
+                                                  kpm, mask, ctx.scale, ctx.is_causal)
+    return dqkv, None, None, None, None, None
+
+
+# Gradients wrt the masks are not computed: ``_kernel_path`` sends a mask that needs one to PyTorch.
+torch.library.register_autograd("vitfast::attention_fwd", _attention_backward, setup_context=_setup_context)
+torch.library.register_autograd("vitfast::attention_packed_fwd", _packed_backward,
+                                setup_context=_setup_packed_context)
 
 
 def _bias(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -99,26 +228,40 @@ def _check_scale(scale: object) -> None:
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 
+def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> bool:
+    """Whether the Triton kernels take this call; a valid configuration they do not cover falls back
+    to PyTorch with one warning."""
+    if not runtime.use_triton(q):
+        return False
+    from ..kernels.attention import HEAD_DIMS
+
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        runtime.warn_once(f"attention:head_dim={d}:{q.dtype}",
+                          f"vitfast.attention: head size {d} is not one of {HEAD_DIMS}; using PyTorch SDPA")
+        return False
+    if runtime.needs_autograd(key_padding_mask, attn_mask):
+        runtime.warn_once("attention:mask_grad", "vitfast.attention: the kernels do not compute gradients "
+                          "with respect to a float mask; using PyTorch SDPA")
+        return False
+    return True
+
+
 def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-         scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool):
-    """Shared by both entries: q, k, v are [B, H, N, d] views; the Triton path or the fallback."""
+         scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool,
+         kernel: Callable[[float, bool], tuple[Tensor, Tensor]]):
+    """Shared by both entries: q, k, v are [B, H, N, d] views; ``kernel(scale, is_causal)`` runs the
+    entry's custom op, else the fallback runs."""
     B, H, N, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     is_causal = bool(is_causal)
-    if runtime.use_triton(q) and not runtime.needs_autograd(q, k, v, key_padding_mask, attn_mask):
-        from ..kernels.attention import HEAD_DIMS
-
-        if d in HEAD_DIMS:
-            runtime.record_launch("attention")
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-            out, lse = torch.ops.vitfast.attention_fwd(q, k, v, key_padding_mask, attn_mask, scale,
-                                                       is_causal, tokens_major)
-            return (out, lse) if return_lse else out
-        runtime.warn_once(f"attention:head_dim={d}:{q.dtype}",
-                          f"vitfast.attention: head size {d} is not one of {HEAD_DIMS}; using PyTorch SDPA")
-    out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse)
-    if tokens_major:
-        out = out.transpose(1, 2).reshape(B, N, H * d)
+    if _kernel_path(q, key_padding_mask, attn_mask):
+        runtime.record_launch("attention")
+        out, lse = kernel(scale, is_causal)
+    else:
+        out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse)
+        if tokens_major:
+            out = out.transpose(1, 2).reshape(B, N, H * d)
     return (out, lse) if return_lse else out
 
 
@@ -150,9 +293,10 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
         raise ValueError(f"qkv last dimension ({width}) must be divisible by 3 * num_heads "
                          f"(3 * {num_heads} = {3 * num_heads})")
     _check_common("qkv", qkv, B, N, num_heads, width // (3 * num_heads), key_padding_mask, attn_mask, scale)
-    # [B, N, 3, H, d] -> three [B, H, N, d] views of the same storage; no data moves.
-    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, tokens_major=True)
+    q, k, v = _split_packed(qkv, num_heads)
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, True,
+                lambda s, c: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads, key_padding_mask,
+                                                                    attn_mask, s, c))
 
 
 def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
@@ -178,7 +322,9 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     check_same_device(q=q, k=k, v=v)
     B, H, N, d = q.shape
     _check_common("q", q, B, N, H, d, key_padding_mask, attn_mask, scale)
-    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, tokens_major=False)
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, False,
+                lambda s, c: torch.ops.vitfast.attention_fwd(*(_unit_last(t) for t in (q, k, v)), key_padding_mask,
+                                                             attn_mask, s, c, False))
 
 
 def _check_common(name: str, x: Tensor, B: int, N: int, heads: int, d: int, key_padding_mask: Tensor | None,
