@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitfast check`` and ``python -m vitfast bench``."""
+"""Command line: ``python -m vitfast check``, ``bench`` and ``train-check``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,13 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run_from_args(args, args.parser)
 
 
+def _train_check(args: argparse.Namespace) -> int:
+    _prepare_device()
+    from . import train_check
+
+    return train_check.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="whole-model speed of vitfast against its baselines; JSON, CSV and PNG")
     add_arguments(bench)
     bench.set_defaults(func=_bench, parser=bench)
+    from .train_check import add_arguments as train_check_arguments
+
+    tc = sub.add_parser("train-check", help="fine-tune a small ViT with PyTorch and with vitfast; compare the losses")
+    train_check_arguments(tc)
+    tc.set_defaults(func=_train_check)
     args = parser.parse_args(argv)
     return args.func(args)
 
