@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import runtime
@@ -33,17 +32,6 @@ def unsupported_reason(layer: nn.TransformerEncoderLayer) -> str | None:
 def _check_mask_dtype(name: str, mask: Tensor | None) -> None:
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-
-
-def _merge_float_padding(key_padding_mask: Tensor, attn_mask: Tensor | None, batch: int, heads: int,
-                         n: int) -> Tensor:
-    """An additive key-padding mask [B, N] folded into one additive attn_mask [B·heads, N, N]."""
-    merged = key_padding_mask.view(batch, 1, 1, n).expand(batch, heads, n, n)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=key_padding_mask.dtype).masked_fill(attn_mask, float("-inf"))
-        merged = merged + attn_mask.view(-1, heads, n, n) if attn_mask.dim() == 3 else merged + attn_mask
-    return merged.reshape(batch * heads, n, n)
 
 
 class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -104,14 +92,9 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         kpm = src_key_padding_mask
         if kpm is not None and unbatched:
             kpm = kpm.unsqueeze(0)
-        mask = src_mask
-        batch, n, _ = x.shape
-        if kpm is not None and kpm.dtype != torch.bool:
-            mask, kpm = _merge_float_padding(kpm, mask, batch, self.self_attn.num_heads, n), None
-
         block = pre_norm_block if self.norm_first else post_norm_block
         # is_causal only certifies src_mask; the mask itself is applied, so the hint changes nothing.
-        out = block(x.contiguous(), self._weights(), key_padding_mask=kpm, attn_mask=mask)
+        out = block(x.contiguous(), self._weights(), key_padding_mask=kpm, attn_mask=src_mask)
         if unbatched:
             return out.squeeze(0)
         return out if self.self_attn.batch_first else out.transpose(0, 1).contiguous()
