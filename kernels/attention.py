@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 # Head sizes the kernel tiles (padded to the next power of two with masks); others fall back.
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
@@ -361,19 +363,19 @@ def _pruner(resident: str, operands: int, accumulators: int, max_acc: int):
 
 _KEY = ["N_CTX", "HEAD_DIM"]  # the autotuner adds the argument dtypes by itself
 _fwd_autotuned = triton.autotune(
-    configs=_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
-                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)]),
+    configs=_tuning.configs(_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)])),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 1, 1, 64)},
 )(_attention_fwd_kernel)
 # dK/dV keep a key tile resident and stream narrower query tiles; dQ the other way round.
 _dkdv_autotuned = triton.autotune(
-    configs=_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
-                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)]),
+    configs=_tuning.configs(_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
+                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)])),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, 2, 128)},
 )(_attention_bwd_dkdv_kernel)
 _dq_autotuned = triton.autotune(
-    configs=_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
-                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)]),
+    configs=_tuning.configs(_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
+                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)])),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, 1, 128)},
 )(_attention_bwd_dq_kernel)
 
