@@ -68,7 +68,8 @@ def backend_name(device: torch.device | str) -> str:
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """True when a result must carry gradients; ops without a backward kernel take the fallback."""
+    """True when a result must carry gradients: the ops then keep what their backward kernels need
+    (LayerNorm statistics, the GEMM pre-activation)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
