@@ -214,3 +214,25 @@ def test_optimize_vit_b16_bf16(family):
             out = _logits(vitfast.optimize(pt_model), x.bfloat16())
     assert launches.get("attention") == 12 and launches.get("patch_embed") == 1, launches
     assert_parity(out, pt, ref)
+
+
+@pytest.mark.parametrize("family", ["timm-layerscale", "huggingface"])
+def test_derived_weights_follow_parameter_updates(family):
+    """Folded LayerScale and packed QKV are cached, and recomputed when a source parameter changes."""
+    if family == "huggingface":
+        build = hf_vit
+        # The first layer's query weight, in the transformers 5 (q_proj) or 4 (attention.query) layout.
+        pick = lambda m: next(p for n, p in m.named_parameters()  # noqa: E731
+                              if n.endswith(".0.attention.q_proj.weight") or n.endswith(".0.attention.attention.query.weight"))
+    else:
+        build = lambda: timm_vit(init_values=0.3)  # noqa: E731
+        pick = lambda m: m.blocks[0].ls2.gamma  # noqa: E731
+    model = _randomize(build()).to(DEVICE).eval()
+    fast = vitfast.optimize(copy.deepcopy(model))
+    x = torch.randn(2, 3, IMG, IMG, device=DEVICE)
+    with torch.no_grad():
+        _logits(fast, x)  # fills the cache
+        for m in (model, fast):
+            pick(m).mul_(1.5)
+        ref = _logits(copy.deepcopy(model).double(), x.double())
+        assert_parity(_logits(fast, x), _logits(model, x), ref)

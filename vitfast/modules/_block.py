@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..ops.attention import attention
@@ -34,15 +35,32 @@ class BlockWeights:
     fc2_bias: Tensor | None
     activation: str  # "gelu", "gelu_tanh" or "relu"
     scale: float | None = None  # attention scale; 1/sqrt(head_dim) when None
-    layer_scale1: Tensor | None = None  # timm LayerScale gammas, folded into proj and fc2
-    layer_scale2: Tensor | None = None
 
 
-def _scaled(weight: Tensor, bias: Tensor | None, gamma: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """gamma·(x·Wᵀ + b) = x·(diag(gamma)·W)ᵀ + gamma·b: LayerScale costs one D×K rescale, not a pass
-    over the activations."""
-    if gamma is None:
-        return weight, bias
+class DerivedWeights:
+    """Weights computed from parameters (Hugging Face's q/k/v packed into one QKV, timm's LayerScale
+    folded into proj and fc2), computed once and again only when a source is changed in place or
+    replaced (``.to()``, ``load_state_dict``). When gradients are needed, or under ``torch.compile``,
+    the computation runs every call so that autograd and the compiler see it."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._sources: list[Tensor] = []  # keeps the sources' storage alive, so no address is reused
+        self._value: tuple = ()
+
+    def get(self, sources: list[Tensor], compute) -> tuple:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return compute()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if key != self._key:
+            with torch.no_grad():
+                self._value = compute()
+            self._key, self._sources = key, [t.detach() for t in sources]
+        return self._value
+
+
+def layer_scaled(weight: Tensor, bias: Tensor | None, gamma: Tensor) -> tuple[Tensor, Tensor | None]:
+    """gamma·(x·Wᵀ + b) = x·(diag(gamma)·W)ᵀ + gamma·b: LayerScale folded into the GEMM before it."""
     return weight * gamma[:, None].to(weight.dtype), None if bias is None else bias * gamma.to(bias.dtype)
 
 
@@ -56,10 +74,8 @@ def pre_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=
                    is_causal: bool = False) -> Tensor:
     """x + attn(LN1(x)), then + mlp(LN2(·)); x is [B, N, D] (batch first)."""
     a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal)
-    proj_w, proj_b = _scaled(w.proj_weight, w.proj_bias, w.layer_scale1)
-    x = linear(a, proj_w, proj_b, residual=x)
-    fc2_w, fc2_b = _scaled(w.fc2_weight, w.fc2_bias, w.layer_scale2)
-    return mlp(layer_norm(x, *w.norm2), w.fc1_weight, w.fc1_bias, fc2_w, fc2_b,
+    x = linear(a, w.proj_weight, w.proj_bias, residual=x)
+    return mlp(layer_norm(x, *w.norm2), w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias,
                activation=w.activation, residual=x)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._block import BlockWeights, pre_norm_block
+from ._block import BlockWeights, DerivedWeights, layer_scaled, pre_norm_block
 from ._share import share_as
 from .mlp import activation_name
 from .patch_embed import _check_patch_conv
@@ -92,6 +92,22 @@ class TimmBlock(Adopted):
             return "attention width differs from the qkv width"
         return None
 
+    @classmethod
+    def adopt(cls, original: nn.Module):
+        new = super().adopt(original)
+        new._derived = DerivedWeights()
+        return new
+
+    def _layer_scaled(self) -> tuple[tuple[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]:
+        """proj and fc2 with ls1/ls2 folded in (cached: no per-call rescale of the weights)."""
+        pairs = ((self.attn.proj, self.ls1), (self.mlp.fc2, self.ls2))
+        if all(_is_identity(ls) for _, ls in pairs):
+            return tuple((lin.weight, lin.bias) for lin, _ in pairs)
+        sources = [t for lin, ls in pairs for t in (lin.weight, lin.bias, getattr(ls, "gamma", None)) if t is not None]
+        return self._derived.get(sources, lambda: tuple(
+            (lin.weight, lin.bias) if _is_identity(ls) else layer_scaled(lin.weight, lin.bias, ls.gamma)
+            for lin, ls in pairs))
+
     def _dropping(self) -> bool:
         if not self.training:
             return False
@@ -104,14 +120,13 @@ class TimmBlock(Adopted):
             kwargs = {} if attn_mask is None and not is_causal else dict(attn_mask=attn_mask, is_causal=is_causal)
             return self.original_forward(x, **kwargs)
         attn, mlp = self.attn, self.mlp
-        gamma = lambda ls: None if _is_identity(ls) else ls.gamma  # noqa: E731
+        (proj_w, proj_b), (fc2_w, fc2_b) = self._layer_scaled()
         w = BlockWeights(
             num_heads=attn.num_heads, qkv_weight=attn.qkv.weight, qkv_bias=attn.qkv.bias,
-            proj_weight=attn.proj.weight, proj_bias=attn.proj.bias,
+            proj_weight=proj_w, proj_bias=proj_b,
             norm1=_norm(self.norm1), norm2=_norm(self.norm2),
-            fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, fc2_weight=mlp.fc2.weight, fc2_bias=mlp.fc2.bias,
+            fc1_weight=mlp.fc1.weight, fc1_bias=mlp.fc1.bias, fc2_weight=fc2_w, fc2_bias=fc2_b,
             activation=activation_name(mlp.act), scale=getattr(attn, "scale", None),
-            layer_scale1=gamma(self.ls1), layer_scale2=gamma(self.ls2),
         )
         return pre_norm_block(x, w)
 
@@ -231,7 +246,7 @@ class HFViTLayer(Adopted):
     @classmethod
     def adopt(cls, original: nn.Module):
         new = super().adopt(original)
-        new._packed = None
+        new._derived = DerivedWeights()
         new._returns_tuple = _returns_tuple(original)
         return new
 
@@ -248,20 +263,13 @@ class HFViTLayer(Adopted):
 
     def _qkv(self, parts: dict) -> tuple[Tensor, Tensor | None]:
         q, k, v = parts["q"], parts["k"], parts["v"]
-        tensors = [t for m in (q, k, v) for t in (m.weight, m.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
-            return self._pack(q, k, v)  # autograd and the compiler see the concatenation itself
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._packed is None or self._packed[0] != key:
-            with torch.no_grad():
-                self._packed = (key, *self._pack(q, k, v))
-        return self._packed[1], self._packed[2]
+        sources = [t for m in (q, k, v) for t in (m.weight, m.bias) if t is not None]
 
-    @staticmethod
-    def _pack(q, k, v):
-        w = torch.cat([q.weight, k.weight, v.weight])
-        b = None if q.bias is None else torch.cat([q.bias, k.bias, v.bias])
-        return w, b
+        def pack():
+            return (torch.cat([q.weight, k.weight, v.weight]),
+                    None if q.bias is None else torch.cat([q.bias, k.bias, v.bias]))
+
+        return self._derived.get(sources, pack)
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         parts = _hf_parts(self)
