@@ -8,13 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from ._layout import as_rows
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
-
-
-def _rows(t: Tensor, width: int) -> Tensor:
-    """A 2-D [rows, width] view with unit column stride; copies only when no such view exists."""
-    t2 = t.reshape(-1, width)
-    return t2 if t2.stride(1) == 1 or t2.shape[0] == 0 else t2.contiguous()
 
 
 @torch.library.custom_op("vitfast::layer_norm_fwd", mutates_args=())
@@ -65,7 +60,7 @@ def _backward(ctx, dy: Tensor | None, ds: Tensor | None, _dmean, _drstd):
         dy = torch.zeros_like(xin)
     width = xin.shape[-1]
     dx, dw, db = torch.ops.vitfast.layer_norm_bwd(
-        _rows(dy, width), None if ds is None else _rows(ds, width), xin, weight, mean, rstd,
+        as_rows(dy, width), None if ds is None else as_rows(ds, width), xin, weight, mean, rstd,
         need_x or need_r, need_w, need_b)
     return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
             db.to(ctx.bias_dtype) if need_b else None, None, dx if need_r else None, None)
@@ -154,8 +149,8 @@ def layer_norm(
             runtime.record_launch("layer_norm")
             # Training keeps the fp32 statistics for the backward kernel.
             y, s, _, _ = torch.ops.vitfast.layer_norm_fwd(
-                _rows(x, width), weight, bias, float(eps),
-                None if residual is None else _rows(residual, width),
+                as_rows(x, width), weight, bias, float(eps),
+                None if residual is None else as_rows(residual, width),
                 runtime.needs_autograd(x, weight, bias, residual))
             y = y.view(x.shape)
             return y if residual is None else (y, s.view(x.shape))

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import runtime
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
-from .layer_norm import _rows
+from ._layout import as_rows
 
 # Accepted spellings -> the kernel's name for the epilogue activation.
 _ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
@@ -200,7 +200,7 @@ def linear(
 
     if _kernel_path(x, out_width):
         runtime.record_launch("linear")
-        y = _launch(_rows(x, x.shape[-1]), weight, bias, act, residual)
+        y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual)
         return y.view(*x.shape[:-1], out_width)
     return _fallback(x, weight, bias, act, residual)
 
@@ -234,7 +234,7 @@ def mlp(
 
     if hidden > 0 and _kernel_path(x, out_width):
         runtime.record_launch("mlp")
-        h = _launch(_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None)
+        h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None)
         y = _launch(h, fc2_weight, fc2_bias, "none", residual)
         return y.view(*x.shape[:-1], out_width)
     h = _fallback(x, fc1_weight, fc1_bias, act, None)
