@@ -1,0 +1,82 @@
+"""Result rows and files: the fields, the figures derived from each median, JSON, CSV and the text table."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+RUN_FIELDS = ("device_kind", "gpu", "driver", "torch", "triton", "dtype", "img_size", "date", "compile_mode", "note")
+ROW_FIELDS = ("model", "implementation", "label", "batch", "status", "reason", "median_ms", "images_per_s",
+              "tflops", "frac_of_peak", "peak_mem_mib", "setup_s", "first_call_s")
+
+
+def speedup_field(baseline: str) -> str:
+    return f"speedup_vs_{baseline}"
+
+
+def blank_row(model: str, impl: str, label: str, batch: int, status: str = "ok", reason: str = "") -> dict:
+    """A result row before measurement; ``fill_derived`` adds the figures computed from the median."""
+    return {"model": model, "implementation": impl, "label": label, "batch": batch, "status": status,
+            "reason": reason, "median_ms": None, "peak_mem_mib": None, "setup_s": None, "first_call_s": None}
+
+
+def fill_derived(rows: list[dict], flops: dict[str, int | None], peak_tflops: float, baselines: list[str]) -> None:
+    """images/s, TFLOP/s, fraction of peak, and the speedup over each baseline at the same model and batch."""
+    timed = {(r["model"], r["batch"], r["implementation"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    for r in rows:
+        ms, f = r["median_ms"], flops.get(r["model"])
+        ok = r["status"] == "ok"
+        r["images_per_s"] = r["batch"] / ms * 1e3 if ok else None
+        r["tflops"] = f * r["batch"] / ms / 1e9 if ok and f else None
+        r["frac_of_peak"] = r["tflops"] / peak_tflops if r["tflops"] else None
+        for b in baselines:
+            base = timed.get((r["model"], r["batch"], b))
+            r[speedup_field(b)] = base / ms if ok and base else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def result_stem(record: dict) -> str:
+    """``<gpu>-<date>``, or ``cpu-<date>`` for CPU smoke runs."""
+    return f"{_slug(record['gpu']) if record['device_kind'] == 'cuda' else 'cpu'}-{record['date']}"
+
+
+def write_json_csv(record: dict, out: Path) -> tuple[Path, Path]:
+    stem = out / result_stem(record)
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    columns = list(RUN_FIELDS) + list(ROW_FIELDS) + [speedup_field(b) for b in record["baselines"]]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for r in record["rows"]:
+            writer.writerow({c: record[c] if c in RUN_FIELDS else r[c] for c in columns})
+    return json_path, csv_path
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def format_table(rows: list[dict], baselines: list[str], markdown: bool = False) -> str:
+    """One model's rows as a text table (or a Markdown table for the README)."""
+    headers = ["implementation", "batch", "ms/batch", "images/s", "TFLOP/s", "of peak",
+               *(f"vs {b}" for b in baselines), "peak MiB", "setup s", "1st call s", "note"]
+    body = []
+    for r in rows:
+        ok = r["status"] == "ok"
+        body.append([r["label"], str(r["batch"]), _fmt(r["median_ms"], ".2f"), _fmt(r["images_per_s"], ".1f"),
+                     _fmt(r["tflops"], ".3g"), _fmt(r["frac_of_peak"] and 100 * r["frac_of_peak"], ".1f", "%"),
+                     *(_fmt(r[speedup_field(b)], ".2f" if (r[speedup_field(b)] or 1) >= 0.01 else ".1g", "x")
+                       for b in baselines),
+                     _fmt(r["peak_mem_mib"], ".0f"), _fmt(r["setup_s"], ".2f"),
+                     _fmt(r["first_call_s"], ".2f"), "" if ok else f"{r['status']}: {r['reason']}"])
+    if markdown:
+        return "\n".join("| " + " | ".join(c.replace("|", "/") for c in line) + " |"
+                         for line in [headers, ["---"] * len(headers), *body])
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+                     for line in [headers, ["-" * w for w in widths], *body])
