@@ -60,8 +60,9 @@ def _mask_tile(s, qi, kj, N_CTX, MASK, KPM, stride_mm, stride_mn, stride_pn,
     s = tl.where(key_ok, s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(kj <= qi, s, float("-inf"))
-    s = _masked_scores(s, KPM + kj * stride_pn, key_ok, KPM_KIND)
-    s = _masked_scores(s, MASK + qi.to(tl.int64) * stride_mm + kj * stride_mn, (qi < N_CTX) & key_ok, MASK_KIND)
+    kj64 = kj.to(tl.int64)  # a transposed or sliced mask's strides can be large
+    s = _masked_scores(s, KPM + kj64 * stride_pn, key_ok, KPM_KIND)
+    s = _masked_scores(s, MASK + qi.to(tl.int64) * stride_mm + kj64 * stride_mn, (qi < N_CTX) & key_ok, MASK_KIND)
     return s
 
 

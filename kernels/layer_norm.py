@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import vector_stride
+
 # Widest row one program holds in registers; wider rows take the PyTorch fallback.
 MAX_WIDTH = 16384
 
@@ -20,7 +22,7 @@ MAX_WIDTH = 16384
 def _layer_norm_fwd_kernel(
     X, R, Y, S, W, B, MEAN, RSTD,
     M, N,
-    stride_x, stride_r, stride_y, stride_s,
+    stride_x, stride_r, stride_y, stride_s, stride_w, stride_b,
     eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     STORE_STATS: tl.constexpr,
@@ -33,7 +35,7 @@ def _layer_norm_fwd_kernel(
     Y: [M, N] output, dtype of X.
     S: [M, N] output x + r, dtype of X, rounded before the statistics are taken so that
        Y = LayerNorm(S) exactly (written only when HAS_RESIDUAL).
-    W, B: [N] affine weight and bias (any float dtype, read as fp32).
+    W, B: [N] affine weight and bias (any float dtype, any stride, 0 included; read as fp32).
     MEAN, RSTD: [M] fp32 statistics for the backward pass (written only when STORE_STATS).
     Statistics and the normalisation are computed in fp32; each output is cast once, on the store.
     """
@@ -56,13 +58,15 @@ def _layer_norm_fwd_kernel(
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # Rows past M hold zeros: with eps = 0 they would divide by zero (harmless, but numpy warns under
+    # the interpreter), so they take 1.
+    rstd = 1.0 / tl.sqrt(tl.where(row_ok, var + eps, 1.0))
     y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols.to(tl.int64) * stride_w, mask=col_ok, other=0.0).to(tl.float32)
         y = y * w[None, :]
     if HAS_BIAS:
-        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(B + cols.to(tl.int64) * stride_b, mask=col_ok, other=0.0).to(tl.float32)
         y = y + b[None, :]
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if STORE_STATS:
@@ -90,7 +94,8 @@ def layer_norm_fwd(
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
 ) -> None:
-    """Launch over 2-D views [M, N] whose last stride is 1 (the op guarantees it)."""
+    """Launch over 2-D views [M, N] whose last stride is 1 (the op guarantees it); weight and bias
+    are 1-D [N] with any stride."""
     M, N = x.shape
     for t in (x, residual, y, s):
         assert t is None or (t.dim() == 2 and t.stride(1) == 1)
@@ -106,6 +111,7 @@ def layer_norm_fwd(
         M, N,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         y.stride(0), s.stride(0) if s is not None else 0,
+        vector_stride(weight), vector_stride(bias),
         eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, STORE_STATS=mean is not None,
@@ -117,7 +123,7 @@ def layer_norm_fwd(
 def _layer_norm_bwd_kernel(
     DY, DS, XIN, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     M, N, ROWS_PER_PROGRAM,
-    stride_dy, stride_ds, stride_xin, stride_dx,
+    stride_dy, stride_ds, stride_xin, stride_dx, stride_w,
     HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -128,7 +134,7 @@ def _layer_norm_bwd_kernel(
     DS: [M, N] gradient arriving on the returned sum s = x + r from outside the norm, added to the
        input gradient (read only when HAS_DS).
     XIN: [M, N] the tensor the forward normalised (x, or the stored s when the residual was fused).
-    W: [N] affine weight, any float dtype, read as fp32 (when HAS_WEIGHT).
+    W: [N] affine weight, any float dtype, any stride, read as fp32 (when HAS_WEIGHT).
     MEAN, RSTD: [M] fp32 statistics the forward stored.
     DX: [M, N] gradient of xin (plus DS), dtype of xin (written when COMPUTE_DX).
     DW_PART, DB_PART: [num_programs, N] fp32, one row of partial sums over this program's rows of
@@ -139,7 +145,7 @@ def _layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + cols.to(tl.int64) * stride_w, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid * ROWS_PER_PROGRAM
@@ -194,8 +200,9 @@ def layer_norm_bwd(
     compute_dw: bool,
     compute_db: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch over 2-D views [M, N] with unit column stride; fills ``dx`` (when given) and returns the
-    fp32 weight and bias gradients [N] (None where not asked for)."""
+    """Launch over 2-D views [M, N] with unit column stride and a 1-D weight [N] with any stride;
+    fills ``dx`` (when given) and returns the fp32 weight and bias gradients [N] (None where not
+    asked for)."""
     M, N = xin.shape
     if M == 0:
         zeros = xin.new_zeros(N, dtype=torch.float32)
@@ -212,7 +219,7 @@ def layer_norm_bwd(
         mean, rstd, dx if dx is not None else dummy, dw_part, db_part,
         M, N, rows_per_program,
         dy.stride(0), ds.stride(0) if ds is not None else 0, xin.stride(0),
-        dx.stride(0) if dx is not None else 0,
+        dx.stride(0) if dx is not None else 0, vector_stride(weight),
         HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
         COMPUTE_DX=dx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,

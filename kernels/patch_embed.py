@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
+from ._layout import vector_stride
 
 
 @triton.jit
@@ -250,10 +251,6 @@ def _input_precision(images: torch.Tensor) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and images.is_cuda else "ieee"
 
 
-def _vector_stride(t: torch.Tensor | None) -> int:
-    return t.stride(0) if t is not None else 0
-
-
 def patch_embed_fwd(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -278,7 +275,7 @@ def patch_embed_fwd(
         dummy if cls_pos is None else cls_pos, dummy if pos is None else pos, out,
         M, D, K, n_patches, grid_w,
         *images.stride(), *weight.stride(),
-        _vector_stride(bias), _vector_stride(cls_token), _vector_stride(cls_pos),
+        vector_stride(bias), vector_stride(cls_token), vector_stride(cls_pos),
         *(pos.stride() if pos is not None else (0, 0)),
         *out.stride(),
     )
