@@ -14,3 +14,29 @@ def require_triton_path() -> None:
     """Kernel tests assert they run the kernel; a test passing on the fallback would prove nothing."""
     backend = runtime.backend_name(DEVICE)
     assert backend in ("triton", "triton-interpreter"), f"kernels are not running (backend: {backend})"
+
+
+def layouts(t: torch.Tensor, stride0: bool = True):
+    """``(name, tensor)``: ``t``'s values in other memory layouts, each a fresh leaf that requires grad
+    when ``t`` does, so a kernel that ignores a stride reads the wrong values and its test fails.
+
+    * "contiguous";
+    * "strided": every other element of a buffer twice as long along the last dimension, the elements
+      between them NaN (a slice ``[..., ::2]``);
+    * "stride0": the first value along the last dimension broadcast with ``expand`` (stride 0), when
+      ``stride0`` and the last dimension has more than one element; other values than ``t``'s, so
+      compare against references computed from the yielded tensor;
+    * "transposed": the last two dimensions stored transposed (for tensors of 2 or more dimensions).
+    """
+    def leaf(v: torch.Tensor) -> torch.Tensor:
+        return v.detach().requires_grad_(t.requires_grad)
+
+    yield "contiguous", leaf(t.contiguous())
+    gap = float("nan") if t.is_floating_point() else 0
+    strided = torch.full((*t.shape[:-1], 2 * t.shape[-1]), gap, dtype=t.dtype, device=t.device)[..., ::2]
+    strided.copy_(t)
+    yield "strided", leaf(strided)
+    if stride0 and t.shape[-1] > 1:
+        yield "stride0", leaf(t[..., :1].expand(t.shape))
+    if t.dim() >= 2:
+        yield "transposed", leaf(t.mT.contiguous().mT)

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from vitfast import runtime
 from vitfast.ops.attention import attention, attention_qkv
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 NEG_INF = -math.inf
 
@@ -161,6 +162,30 @@ def test_attention_strided_masks():
         assert_parity(out, _mha(qkv, H, torch.float32, **masks), _mha(qkv, H, torch.float64, **masks), what=name)
 
 
+def mask_layouts(masks):
+    """(name, masks) with every mask in ``masks`` in one layout of ``helpers.layouts``: contiguous,
+    sliced, transposed, and for float masks stride 0 (one additive value per query row; a bool
+    mask broadcast that way would only empty whole rows)."""
+    names = list(masks)
+    floats = all(m.is_floating_point() for m in masks.values())
+    for pairs in zip(*(layouts(masks[k], stride0=floats) for k in names)):
+        yield pairs[0][0], {k: t for k, (_, t) in zip(names, pairs)}
+
+
+MASK_LAYOUT_CASES = [("kpm+bool_bh", 3, 3, 17, 16), ("kpm_float+additive", 3, 1, 17, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind, B, H, N, d", MASK_LAYOUT_CASES, ids=[c[0] for c in MASK_LAYOUT_CASES])
+def test_attention_mask_layouts(dtype, kind, B, H, N, d):
+    """Both masks, bool and additive, are read through their strides in every layout."""
+    qkv = _qkv(B, H, N, d, dtype)
+    masks, _ = _make_masks(kind, B, H, N, dtype)
+    for name, laid_out in mask_layouts(masks):
+        out = _run_kernel(attention, qkv, H, **laid_out)
+        assert_parity(out, _mha(qkv, H, dtype, **laid_out), _mha(qkv, H, torch.float64, **laid_out), what=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_attention_sdpa_layout_entry(dtype):
     B, H, N, d = 3, 3, 65, 80
@@ -211,6 +236,22 @@ def test_attention_untiled_head_size_falls_back_once(recwarn):
     torch.testing.assert_close(again, out)
     assert (out.unflatten(-1, (H, d))[:, 3] == 0).all()
     assert_parity(out, _mha(qkv, H, torch.float32, attn_mask=bad), _mha(qkv, H, torch.float64, attn_mask=bad))
+
+
+def test_attention_cpu_bf16_takes_pytorch():
+    """Triton's interpreter computes bf16 tl.dot wrongly (errors of 1e8 were seen): CPU bf16 never
+    reaches the kernel, it takes SDPA with one warning."""
+    qkv = torch.randn(2, 17, 3 * 2 * 16, dtype=torch.bfloat16)
+    q, k, v = _split(qkv, 2)
+    runtime._warned.discard("attention:interpreter-bf16")
+    warns = pytest.warns(RuntimeWarning, match="bfloat16 under Triton's interpreter")
+    with runtime.count_launches() as launches, warns if runtime.interpreter_enabled() else contextlib.nullcontext():
+        out = attention(qkv, 2)
+        out_qkv = attention_qkv(q, k, v)
+    assert not launches
+    assert_parity(out, _sdpa(qkv, 2, torch.bfloat16), _sdpa(qkv, 2, torch.float64))
+    assert_parity(out_qkv, F.scaled_dot_product_attention(q, k, v),
+                  F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
 
 
 def test_attention_pytorch_fallback_masks_and_lse():
@@ -266,7 +307,7 @@ def test_attention_custom_op_registration():
         (lambda x: attention(x, 2, key_padding_mask=torch.zeros(2, 16, dtype=torch.bool)), ValueError,
          "key_padding_mask must have shape (2, 17), got (2, 16)"),
         (lambda x: attention(x, 2, key_padding_mask=torch.zeros(2, 17, dtype=torch.int64)), TypeError,
-         "key_padding_mask must be bool or float32, float16 or bfloat16, got torch.int64"),
+         "key_padding_mask must be bool or float32, float16, bfloat16 or float64, got torch.int64"),
         (lambda x: attention(x, 2, attn_mask=torch.zeros(3, 17, 17, dtype=torch.bool)), ValueError,
          "attn_mask must have shape (17, 17) or (4, 17, 17), got (3, 17, 17)"),
         (lambda x: attention(x, 2, attn_mask=torch.zeros(17, 17, dtype=torch.int32)), TypeError,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from vitfast import runtime
 from vitfast.ops.attention import attention, attention_qkv
 from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
-from test_attention import MASK_CASES, _make_masks, _mha, _qkv, _sdpa, _split
+from test_attention import MASK_CASES, MASK_LAYOUT_CASES, _make_masks, _mha, _qkv, _sdpa, _split, mask_layouts
 
 KERNELS = {"attention": 1, "attention_bwd": 1}
 
@@ -67,6 +67,16 @@ def test_backward_masks_match_multihead_attention(dtype, kind, B, H, N, d):
     kpm = masks.get("key_padding_mask")
     if kpm is not None and kpm.dtype == torch.bool:
         assert (dqkv[..., H * d:][kpm] == 0).all()
+
+
+@pytest.mark.parametrize("kind, B, H, N, d", MASK_LAYOUT_CASES, ids=[c[0] for c in MASK_LAYOUT_CASES])
+def test_backward_mask_layouts(kind, B, H, N, d):
+    """The dK/dV and dQ kernels read both masks through their strides too."""
+    masks, _ = _make_masks(kind, B, H, N, torch.float32)
+    qkv = _qkv(B, H, N, d, torch.float32)
+    for name, laid_out in mask_layouts(masks):
+        _check_grads(lambda x, _: attention(x, H, **laid_out), lambda x, dt: _mha(x, H, dt, **laid_out), [qkv],
+                     torch.float32, what=name)
 
 
 def test_backward_strided_qkv_views():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ from torch import nn
 
 import vitfast
 from vitfast import ops, runtime
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 WIDTHS = [100, 192, 768, 1280]
 
@@ -61,6 +63,36 @@ def test_layer_norm_strided_rows(dtype):
     b = torch.randn(100, device=DEVICE, dtype=dtype)
     _check(x, None, w, b)
     _check(x, r, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_layer_norm_parameter_layouts(dtype):
+    """Weight and bias are read through their strides: a slice of a larger tensor, one value broadcast
+    with ``expand`` (stride 0, which a unit-stride read would take past its one-element allocation)."""
+    require_triton_path()
+    x, r, w, b = _inputs((3, 17, 100), dtype, True)
+    for (name, wl), (_, bl) in zip(layouts(w), layouts(b)):
+        assert name == "contiguous" or not wl.is_contiguous()
+        _check(x, None, wl, bl)
+        _check(x, r, wl, bl)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_layer_norm_eps_zero_runs_on_the_kernel(dtype):
+    """eps = 0 is F.layer_norm's too: the same values, and NaN on a constant row as PyTorch gives."""
+    x, _, w, b = _inputs((2, 9, 100), dtype, False)
+    _check(x, None, w, b, eps=0)
+    x[1, 4] = 3.0
+    with runtime.count_launches() as launches:
+        out = ops.layer_norm(x, w, b, eps=0.0)
+    assert launches == {"layer_norm": 1}
+    pt = F.layer_norm(x, (100,), w, b, eps=0.0)
+    assert out[1, 4].isnan().all() and pt[1, 4].isnan().all()
+    keep = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    keep[1, 4] = False
+    ref = F.layer_norm(x.double(), (100,), w.double(), b.double(), eps=0.0)
+    assert_parity(out[keep], pt[keep], ref[keep])
 
 
 def test_layer_norm_non_affine_and_eps():
@@ -140,8 +172,10 @@ def test_layer_norm_gradients_run_on_the_kernels():
         (dict(weight=torch.ones(99)), ValueError, "weight must have shape (100,), got (99,)"),
         (dict(bias=torch.ones(3, 100)), ValueError, "bias must have shape"),
         (dict(x=torch.ones(4, 100, dtype=torch.int64)), TypeError, "x must be float32"),
-        (dict(eps=0.0), ValueError, "eps must be a positive number"),
-        (dict(eps=-1e-5), ValueError, "eps must be a positive number"),
+        (dict(eps=-1e-5), ValueError, "eps must be a finite number >= 0, got -1e-05"),
+        (dict(eps=math.nan), ValueError, "eps must be a finite number >= 0, got nan"),
+        (dict(eps=math.inf), ValueError, "eps must be a finite number >= 0, got inf"),
+        (dict(eps="1e-5"), ValueError, "eps must be a finite number >= 0, got '1e-5'"),
         (dict(residual=torch.ones(4, 99)), ValueError, "residual must have shape (4, 100)"),
         (dict(residual=torch.ones(4, 100, dtype=torch.float16)), TypeError, "residual has dtype"),
         (dict(weight="w"), TypeError, "weight must be a torch.Tensor"),

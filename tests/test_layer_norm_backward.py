@@ -6,7 +6,7 @@ from torch import nn
 
 import vitfast
 from vitfast import ops, runtime
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 NAMES = ("x", "residual", "weight", "bias")
 
@@ -115,6 +115,17 @@ def test_layer_norm_backward_strided_rows(dtype):
     ref = torch.autograd.grad(F.layer_norm(big64[:, 50:150], (100,), w64), (big64, w64), upstream.double())
     assert_parity(out, pt, ref, what="grads of (buffer, weight)")
     assert out[0][:, :50].eq(0).all() and out[0][:, 150:].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_layer_norm_backward_parameter_layouts(dtype):
+    """Strided and stride-0 weight and bias leaves: the backward kernel reads the weight through its
+    stride, and every gradient lands in its leaf's shape with PyTorch's values."""
+    require_triton_path()
+    inputs = _inputs((3, 17, 100), dtype, residual=True)
+    for (name, w), (_, b) in zip(layouts(inputs["weight"]), layouts(inputs["bias"])):
+        assert name == "contiguous" or not w.is_contiguous()
+        _check({**inputs, "weight": w, "bias": b})
 
 
 def test_layer_norm_module_trains_on_the_kernels():

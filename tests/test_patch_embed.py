@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -7,7 +9,7 @@ from vitfast import reference, runtime
 from vitfast.checks.patch_embed import composite
 from vitfast.modules.patch_embed import PatchEmbedding, PatchEmbeddingStage
 from vitfast.ops.patch_embed import patch_embed
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 
 def _inputs(batch, channels, size, patch, width, dtype, cls=True, pos_rows="n+1", bias=True, layout="nchw"):
@@ -60,6 +62,24 @@ def test_patch_embed_matches_conv(case, dtype):
     out = _check(_inputs(batch, channels, size, patch, width, dtype, cls, pos_rows, layout=layout))
     n = (size[0] // patch) * (size[1] // patch)
     assert out.shape == (batch, n + cls, width)
+
+
+def parameter_layouts(args):
+    """(name, args) with weight, bias, class token and positions together in each layout of
+    ``helpers.layouts``; the 1-D bias, which has no transposed layout, keeps its own there."""
+    names = ("weight", "bias", "cls_token", "pos_embed")
+    for pairs in itertools.zip_longest(*(layouts(args[k]) for k in names), fillvalue=(None, None)):
+        yield pairs[0][0], {**args, **{k: t for k, (_, t) in zip(names, pairs) if t is not None}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_patch_embed_parameter_layouts(dtype):
+    """Weight, bias, class token and positions are read through their strides: sliced, stride 0
+    (one value broadcast along the features), transposed."""
+    require_triton_path()
+    for name, args in parameter_layouts(_inputs(2, 3, (16, 24), 8, 40, dtype)):
+        assert name == "contiguous" or not args["pos_embed"].is_contiguous()
+        _check(args)
 
 
 def test_patch_embed_flat_shapes_mixed_dtypes_no_bias():
@@ -212,10 +232,13 @@ def _bad(**overrides):
         (_bad(images=torch.randn(3, 32, 32)), ValueError,
          "images must be 4-D [B, C, H, W], got shape (3, 32, 32)"),
         (_bad(images=torch.ones(2, 3, 32, 32, dtype=torch.uint8)), TypeError,
-         "images must be float32, float16 or bfloat16, got torch.uint8"),
+         "images must be float32, float16, bfloat16 or float64, got torch.uint8"),
         (_bad(weight=torch.randn(64, 192)), ValueError,
          "weight must be 4-D [D, C, P, P] (Conv2d layout), got shape (64, 192)"),
-        (_bad(weight=torch.randn(64, 3, 8, 4)), ValueError, "weight must have a square P x P kernel, got 8 x 4"),
+        (_bad(weight=torch.randn(64, 3, 8, 4)), ValueError,
+         "weight must have a square P x P kernel with P >= 1, got 8 x 4"),
+        (_bad(weight=torch.randn(64, 3, 0, 0)), ValueError,
+         "weight must have a square P x P kernel with P >= 1, got 0 x 0"),
         (_bad(weight=torch.randn(64, 3, 8, 8, dtype=torch.float16)), TypeError,
          "weight has dtype torch.float16 but images has dtype torch.float32"),
         (_bad(bias=torch.randn(63)), ValueError, "bias must have shape (64,), got (63,)"),
@@ -232,10 +255,12 @@ def _bad(**overrides):
          "pos_embed covers a 6x6 patch grid but the images give 4x4; pass resample_pos_embed=True"),
         (_bad(weight=torch.randn(64, 3, 8, 8, device="meta")), ValueError, "weight is on meta but images is on cpu"),
         (_bad(pos_embed=[0.0] * 17), TypeError, "pos_embed must be a torch.Tensor, got list"),
+        (_bad(images=torch.randn(2, 3, 32, 32).to_sparse()), TypeError,
+         "images must be a dense (strided) tensor, got layout torch.sparse_coo"),
     ],
-    ids=["height", "width", "channels", "images-3d", "int-images", "weight-2d", "weight-rect", "weight-dtype",
-         "bias", "cls-width", "pos-width", "pos-rows", "pos-batch", "pos-cls-without-cls", "pos-grid",
-         "device-mix", "pos-type"],
+    ids=["height", "width", "channels", "images-3d", "int-images", "weight-2d", "weight-rect", "weight-empty-patch",
+         "weight-dtype", "bias", "cls-width", "pos-width", "pos-rows", "pos-batch", "pos-cls-without-cls", "pos-grid",
+         "device-mix", "pos-type", "sparse-images"],
 )
 def test_patch_embed_bad_input(args, exc, words):
     with runtime.count_launches() as launches, pytest.raises(exc) as info:

@@ -9,7 +9,7 @@ from vitfast.checks.patch_embed import composite
 from vitfast.modules.patch_embed import PatchEmbeddingStage
 from vitfast.ops.patch_embed import patch_embed
 from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
-from test_patch_embed import _inputs as forward_inputs
+from test_patch_embed import _inputs as forward_inputs, parameter_layouts
 
 NAMES = ("images", "weight", "bias", "cls_token", "pos_embed")
 
@@ -91,6 +91,15 @@ def test_patch_embed_backward_some_inputs_need_grad(grad):
 def test_patch_embed_backward_fp32_extras_on_fp16_images():
     """Bias, class token and positions in fp32 on fp16 images: their gradients come back in fp32."""
     _check(_inputs(2, 3, (16, 16), 4, 40, torch.float16, extras_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_patch_embed_backward_parameter_layouts(dtype):
+    """Sliced, stride-0 and transposed weight, bias, class token and position leaves: the gradient
+    kernels read the weight through its strides and every gradient lands in its leaf's shape."""
+    require_triton_path()
+    for _, args in parameter_layouts(_inputs(2, 3, (16, 24), 8, 40, dtype)):
+        _check(args)
 
 
 def test_patch_embed_backward_channels_last_weight():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -16,6 +17,8 @@ from typing import Iterator
 import torch
 
 _warned: set[str] = set()
+# Triton's interpreter keeps the running launch in module-level state: one launch at a time.
+_interpreter_lock = threading.RLock()
 _poison = False
 _force_fallback = False
 
@@ -53,6 +56,24 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if t.is_cuda:
         return True
     return t.device.type == "cpu" and interpreter_enabled()
+
+
+@contextmanager
+def launching(device: torch.device) -> Iterator[None]:
+    """Wrap every kernel launch on tensors of ``device``.
+
+    CPU tensors run in Triton's interpreter, whose state is global: two threads launching at once
+    corrupt each other's kernels, so launches take a lock (one at a time). CUDA tensors take no lock;
+    their device is made current when it is not, since Triton launches on the current device.
+    """
+    if device.type == "cpu":
+        with _interpreter_lock:
+            yield
+    elif device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
 
 
 def backend_name(device: torch.device | str) -> str:

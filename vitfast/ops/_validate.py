@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the ops accept; float64 takes the PyTorch path (ops/_dispatch.py), the others the kernels.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     return t
 
 
-def check_float(name: str, t: torch.Tensor) -> None:
+def check_float(name: str, t: object) -> None:
     check_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be float32, float16 or bfloat16, got {t.dtype}"
+            f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
         )
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from ._dispatch import kernel_path
+from ._trace import fx_traceable
 from ._validate import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 
 MAX_HEAD_DIM = 256
@@ -55,7 +57,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, a
     shape = (B, N, H * d) if tokens_major else (B, H, N, d)  # tokens-major is ready for the out-projection
     out = runtime.empty(*shape, dtype=q.dtype, device=q.device)
     lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
-    attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal)
+    with runtime.launching(q.device):
+        attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal)
     return out, lse
 
 
@@ -68,8 +71,9 @@ def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, 
     runtime.record_launch("attention_bwd")
     H = q.shape[1]
     dlse = None if dlse is None else dlse.float().contiguous()
-    attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
-                  key_padding_mask, attn_mask, scale, is_causal)
+    with runtime.launching(q.device):
+        attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
+                      key_padding_mask, attn_mask, scale, is_causal)
 
 
 @torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
@@ -182,17 +186,23 @@ torch.library.register_autograd("vitfast::attention_packed_fwd", _packed_backwar
 
 
 def _bias(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-    """The masks as one fp32 additive bias broadcastable to [B, H, N, N]; -inf = not allowed."""
+    """The masks as one additive bias broadcastable to [B, H, N, N], fp32 (float64 for float64 q);
+    -inf = not allowed."""
     B, H, N, _ = q.shape
-    bias = torch.zeros(1, 1, N, N, dtype=torch.float32, device=q.device)
+    bias = torch.zeros(1, 1, N, N, dtype=_stats_dtype(q), device=q.device)
     if is_causal:
         bias = torch.where(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf, bias)
     masks = [] if attn_mask is None else [attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask]
     if key_padding_mask is not None:
         masks.append(key_padding_mask[:, None, None, :])
     for m in masks:
-        bias = torch.where(m, -math.inf, bias) if m.dtype == torch.bool else bias + m.float()
+        bias = torch.where(m, -math.inf, bias) if m.dtype == torch.bool else bias + m.to(bias.dtype)
     return bias
+
+
+def _stats_dtype(q: Tensor) -> torch.dtype:
+    """Scores, masks and log-sum-exp on the PyTorch path: fp32, or float64 for float64 inputs."""
+    return torch.promote_types(q.dtype, torch.float32)
 
 
 def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -208,7 +218,8 @@ def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
     out = out.masked_fill(dead, 0.0)
     if not return_lse:
         return out, None
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    dt = _stats_dtype(q)
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale + bias
     lse = torch.logsumexp(scores, dim=-1).masked_fill(dead.squeeze(-1), math.inf)
     return out, lse
 
@@ -216,7 +227,7 @@ def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
 def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...]) -> None:
     check_tensor(name, mask)
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be bool or float32, float16 or bfloat16, got {mask.dtype}")
+        raise TypeError(f"{name} must be bool or float32, float16, bfloat16 or float64, got {mask.dtype}")
     if tuple(mask.shape) not in shapes:
         expected = " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name} must have shape {expected}, got {tuple(mask.shape)}")
@@ -231,7 +242,7 @@ def _check_scale(scale: object) -> None:
 def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> bool:
     """Whether the Triton kernels take this call; a valid configuration they do not cover falls back
     to PyTorch with one warning."""
-    if not runtime.use_triton(q):
+    if not kernel_path("attention", q, key_padding_mask, attn_mask):
         return False
     from ..kernels.attention import HEAD_DIMS
 
@@ -265,6 +276,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_
     return (out, lse) if return_lse else out
 
 
+@fx_traceable
 def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
               scale: float | None = None, is_causal: bool = False,
               return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -275,7 +287,8 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     of a sequence-first [N, B, 3D] buffer): the kernel reads it in place; only a last dimension
     without unit stride is copied. Returns a contiguous [B, N, D], heads side by side, ready for the
     out-projection; with ``return_lse`` also the fp32 natural-log log-sum-exp [B, heads, N] of each
-    row's scaled, masked scores (+inf where a row has no allowed key). ``scale`` defaults to 1/√d.
+    row's scaled, masked scores (+inf where a row has no allowed key; float64 for float64 inputs,
+    which take PyTorch with one warning, as bfloat16 does on CPU tensors). ``scale`` defaults to 1/√d.
     Masks follow nn.MultiheadAttention (bool True = not allowed), see the module docstring.
 
     >>> qkv = torch.randn(2, 197, 3 * 768)
@@ -299,6 +312,7 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
                                                                     attn_mask, s, c))
 
 
+@fx_traceable
 def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                   attn_mask: Tensor | None = None, scale: float | None = None, is_causal: bool = False,
                   return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:

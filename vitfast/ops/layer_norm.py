@@ -1,6 +1,7 @@
 """``layer_norm``: LayerNorm over the last dimension, optionally fused with the residual add."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -8,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from ._dispatch import kernel_path
 from ._layout import as_rows
+from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -25,8 +28,9 @@ def _layer_norm_fwd(
     stats = store_stats
     mean = torch.empty(M if stats else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M if stats else 0, dtype=torch.float32, device=x.device)
-    layer_norm_fwd(x, weight, bias, eps, residual, y, s if residual is not None else None,
-                   mean if stats else None, rstd if stats else None)
+    with runtime.launching(x.device):
+        layer_norm_fwd(x, weight, bias, eps, residual, y, s if residual is not None else None,
+                       mean if stats else None, rstd if stats else None)
     return y, s, mean, rstd
 
 
@@ -80,7 +84,8 @@ def _layer_norm_bwd(
     runtime.record_launch("layer_norm_bwd")
     M, N = xin.shape
     dx = runtime.empty(M, N, dtype=xin.dtype, device=xin.device) if compute_dx else None
-    dw, db = layer_norm_bwd(dy, ds, xin, weight, mean, rstd, dx, compute_dw, compute_db)
+    with runtime.launching(xin.device):
+        dw, db = layer_norm_bwd(dy, ds, xin, weight, mean, rstd, dx, compute_dw, compute_db)
     empty = xin.new_empty(0, dtype=torch.float32)
     return (xin.new_empty(0) if dx is None else dx, empty if dw is None else dw,
             empty.clone() if db is None else db)
@@ -97,12 +102,15 @@ def _(dy, ds, xin, weight, mean, rstd, compute_dx, compute_dw, compute_db):
 def _fallback(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     params = [p for p in (weight, bias) if p is not None]
     if any(p.dtype != x.dtype for p in params):
-        # Mixed precision (e.g. fp32 parameters under autocast): normalise in fp32, as the kernel does.
-        return F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
-                            None if bias is None else bias.float(), eps).to(x.dtype)
+        # Mixed precision (e.g. fp32 parameters under autocast): normalise in fp32, as the kernel does,
+        # or in float64 when anything is float64.
+        dt = torch.float64 if torch.float64 in (x.dtype, *(p.dtype for p in params)) else torch.float32
+        return F.layer_norm(x.to(dt), x.shape[-1:], None if weight is None else weight.to(dt),
+                            None if bias is None else bias.to(dt), eps).to(x.dtype)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+@fx_traceable
 def layer_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -114,7 +122,9 @@ def layer_norm(
 
     Returns ``y`` when ``residual`` is None and ``(y, x + residual)`` otherwise; the sum is what the
     next residual connection needs, so a pre-norm block reads the residual stream once.
-    Statistics are fp32 whatever the input dtype; outputs have the dtype of ``x``.
+    Statistics are fp32 whatever the input dtype; outputs have the dtype of ``x``. ``eps`` may be 0
+    (a constant row then gives NaN, as in ``F.layer_norm``); float64 inputs take PyTorch (warned once).
+    ``weight`` and ``bias`` may have any stride (a slice, or one value broadcast with ``expand``).
     Differentiable: when an input requires grad the forward keeps its fp32 statistics and the
     backward runs a Triton kernel too (dx, and dweight/dbias from per-program fp32 partial sums).
 
@@ -136,10 +146,10 @@ def layer_norm(
         check_shape("residual", residual, tuple(x.shape))
         check_same_dtype("residual", residual, "x", x)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
-    if runtime.use_triton(x):
+    if kernel_path("layer_norm", x, weight, bias, dot=False):
         from ..kernels.layer_norm import MAX_WIDTH
 
         if width > MAX_WIDTH:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from ._dispatch import kernel_path
+from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape
 
 
@@ -23,7 +25,8 @@ def _patch_embed_fwd(
     D, P = weight.shape[0], weight.shape[-1]
     prefix = int(cls_token is not None)
     out = runtime.empty(B, prefix + (H // P) * (W // P), D, dtype=images.dtype, device=images.device)
-    patch_embed_fwd(images, weight, bias, cls_token, cls_pos, pos, out)
+    with runtime.launching(images.device):
+        patch_embed_fwd(images, weight, bias, cls_token, cls_pos, pos, out)
     return out
 
 
@@ -79,7 +82,8 @@ def _patch_embed_bwd(
     runtime.record_launch("patch_embed_bwd")
     dimages = _grad_buffer(images) if compute_dimages else None
     dweight = _grad_buffer(weight) if compute_dweight else None
-    patch_embed_bwd(dtokens, images, weight, dimages, dweight)
+    with runtime.launching(images.device):
+        patch_embed_bwd(dtokens, images, weight, dimages, dweight)
     return (images.new_empty(0) if dimages is None else dimages,
             weight.new_empty(0) if dweight is None else dweight)
 
@@ -112,9 +116,9 @@ def _check_images_and_weight(images: Tensor, weight: Tensor) -> tuple[int, int]:
         raise ValueError(f"images must be 4-D [B, C, H, W], got shape {tuple(images.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [D, C, P, P] (Conv2d layout), got shape {tuple(weight.shape)}")
-    if weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must have a square P x P kernel, got {weight.shape[2]} x {weight.shape[3]} "
-                         f"(weight shape {tuple(weight.shape)})")
+    if weight.shape[2] == 0 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must have a square P x P kernel with P >= 1, got {weight.shape[2]} x "
+                         f"{weight.shape[3]} (weight shape {tuple(weight.shape)})")
     check_same_dtype("weight", weight, "images", images)
     _, C, H, W = images.shape
     P = weight.shape[-1]
@@ -174,13 +178,15 @@ def _pos_layout(rows: int, has_cls: bool, grid: tuple[int, int],
 
 def _resample_grid(pos: Tensor, old: tuple[int, int], new: tuple[int, int]) -> Tensor:
     """Bicubic resampling of [old_h·old_w, D] positions to [new_h·new_w, D], as timm's
-    ``resample_abs_pos_embed`` does it (fp32, align_corners=False, antialias=True)."""
+    ``resample_abs_pos_embed`` does it (fp32, or float64 for a float64 table; align_corners=False,
+    antialias=True)."""
     width = pos.shape[-1]
-    grid = pos.float().reshape(1, old[0], old[1], width).permute(0, 3, 1, 2)
+    grid = pos.to(torch.promote_types(pos.dtype, torch.float32)).reshape(1, *old, width).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=True)
     return grid.permute(0, 2, 3, 1).reshape(new[0] * new[1], width).to(pos.dtype)
 
 
+@fx_traceable
 def patch_embed(
     images: Tensor,
     weight: Tensor,
@@ -210,8 +216,10 @@ def patch_embed(
     resampled bicubically as timm's ``resample_abs_pos_embed`` does and the class row kept.
 
     Runs one Triton launch; its backward runs the weight and image gradients as Triton GEMMs (each
-    only when needed) and reduces bias, class and position gradients with torch. CPU tensors without
-    Triton's interpreter take the PyTorch composite.
+    only when needed) and reduces bias, class and position gradients with torch. Every parameter is
+    read through its strides (a slice, a transposed weight, one value broadcast with ``expand``).
+    CPU tensors without Triton's interpreter, and float64 inputs (warned once), take the PyTorch
+    composite.
 
     >>> images = torch.randn(2, 3, 224, 224)
     >>> conv = torch.nn.Conv2d(3, 768, 16, stride=16)
@@ -239,11 +247,7 @@ def patch_embed(
                                  f"{grid[0]}x{grid[1]}; pass resample_pos_embed=True to interpolate it")
             pos = _resample_grid(pos, old, grid)
 
-    if runtime.use_triton(images):
-        if images.dtype == torch.bfloat16 and not images.is_cuda:
-            runtime.warn_once("patch_embed:interpreter-bf16",
-                              "vitfast.patch_embed: Triton's interpreter computes bf16 dots wrongly; using PyTorch")
-        else:
-            runtime.record_launch("patch_embed")
-            return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos)
+    if kernel_path("patch_embed", images, bias, cls_vec, cls_pos, pos):
+        runtime.record_launch("patch_embed")
+        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos)
     return _fallback(images, weight, bias, cls_vec, cls_pos, pos)
