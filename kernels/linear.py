@@ -1,14 +1,16 @@
-"""Tiled GEMM with a fused epilogue, Y = act(X · Wᵀ + b) + R, and its backward.
+"""Tiled GEMM with a fused epilogue, Y = s ⊙ act(X · Wᵀ + b) + R, and its backward.
 
 X and W are read through their strides (W in ``nn.Linear`` layout [out, in]), so no transposed copy
-is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, ReLU or none)
-and the residual add happen on the fp32 tile in registers, and the result is cast to Y's dtype once,
-on the store. An MLP is two launches: fc1 + bias + GELU, then fc2 + bias + residual.
+is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, ReLU or none),
+the per-column scale s (timm's LayerScale) and the residual add happen on the fp32 tile in
+registers, and the result is cast to Y's dtype once, on the store. An MLP is two launches:
+fc1 + bias + GELU, then fc2 + bias (+ scale) + residual.
 
 Training: the forward also stores the pre-activation Z = X · Wᵀ + b (one extra M·N·e write, what
 PyTorch's eager autograd keeps too) instead of recomputing a GEMM in the backward. The backward is
-one elementwise launch, dZ = dY ⊙ act'(Z) (none when the activation is "none": dZ = dY), then the
-forward kernel twice through strides: dX = dZ · W reads W transposed, dW = dZᵀ · X reads both
+one elementwise launch, dZ = dY ⊙ s ⊙ act'(Z), which in the same pass sums dY ⊙ act(Z) over its rows
+for the scale's gradient (none at all when there is neither activation nor scale: dZ = dY), then
+the forward kernel twice through strides: dX = dZ · W reads W transposed, dW = dZᵀ · X reads both
 operands transposed.
 
 Traffic per launch (element size e): read M·K·e of X once per column of tiles (L2 absorbs most
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
+from ._layout import vector_stride
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
@@ -86,6 +89,18 @@ def _gelu_tanh_gate(z):
     return tl.sigmoid(tl.maximum(1.5957691216057308 * (z + 0.044715 * z * z * z), -80.0))
 
 
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    """act(z) on an fp32 tile."""
+    if ACTIVATION == "gelu":
+        z = z * _gelu_cdf(z)
+    elif ACTIVATION == "gelu_tanh":
+        z = z * _gelu_tanh_gate(z)
+    elif ACTIVATION == "relu":
+        z = tl.maximum(z, 0.0)
+    return z
+
+
 @triton.autotune(
     configs=_interpreter_configs() if _interpreting() else _tuning.configs(_hopper_configs()),
     # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
@@ -94,10 +109,10 @@ def _gelu_tanh_gate(z):
 )
 @triton.jit
 def _linear_kernel(
-    X, W, B, R, Y, Z,
+    X, W, B, S, R, Y, Z,
     M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_zm,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_zm,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_PREACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -105,7 +120,9 @@ def _linear_kernel(
 
     X: [M, K] input rows, any strides (the backward reads transposed tensors here), fp32/fp16/bf16.
     W: [N, K] weight in ``nn.Linear`` layout, any strides, dtype of X.
-    B: [N] bias, dtype of X (read only when HAS_BIAS).
+    B: [N] bias, any float dtype, any stride (0 included), added in fp32 (read only when HAS_BIAS).
+    S: [N] per-column scale multiplying the activation, any float dtype, any stride (0 included),
+       applied in fp32 (read only when HAS_SCALE).
     R: [M, N] residual, any strides, dtype of X (read only when HAS_RESIDUAL).
     Y: [M, N] output (row stride ``stride_ym``, unit column stride).
     Z: [M, N] pre-activation X · Wᵀ + b in Y's dtype (row stride ``stride_zm``, unit column stride),
@@ -145,19 +162,17 @@ def _linear_kernel(
     col_ok = cols < N
     rows64 = rows.to(tl.int64)
     mask = (rows < M)[:, None] & col_ok[None, :]
+    cols64 = cols.to(tl.int64)
     if HAS_BIAS:
-        acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(B + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PREACT:
         tl.store(Z + rows64[:, None] * stride_zm + cols[None, :], acc.to(Z.dtype.element_ty), mask=mask)
-    if ACTIVATION == "gelu":
-        acc = acc * _gelu_cdf(acc)
-    elif ACTIVATION == "gelu_tanh":
-        acc = acc * _gelu_tanh_gate(acc)
-    elif ACTIVATION == "relu":
-        acc = tl.maximum(acc, 0.0)
+    acc = _activate(acc, ACTIVATION)
+    if HAS_SCALE:
+        acc *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
     if HAS_RESIDUAL:
-        r = tl.load(R + rows64[:, None] * stride_rm + cols[None, :].to(tl.int64) * stride_rn, mask=mask, other=0.0)
+        r = tl.load(R + rows64[:, None] * stride_rm + cols64[None, :] * stride_rn, mask=mask, other=0.0)
         acc += r.to(tl.float32)
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
@@ -170,9 +185,11 @@ def linear_fwd(
     activation: str,
     y: torch.Tensor,
     z: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
-    """Launch over 2-D views: x [M, K], weight [N, K] and residual [M, N] with any strides; y [M, N]
-    (and z [M, N], which receives the pre-activation when given) with unit column stride."""
+    """Launch over 2-D views: x [M, K], weight [N, K] and residual [M, N] with any strides, 1-D bias
+    and scale [N] with any stride; y [M, N] (and z [M, N], which receives the pre-activation when
+    given) with unit column stride."""
     M, K = x.shape
     N = weight.shape[0]
     assert y.stride(1) == 1 and (z is None or z.stride(1) == 1) and activation in ACTIVATIONS
@@ -186,60 +203,96 @@ def linear_fwd(
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _linear_kernel[grid](
-        x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
-        z if z is not None else y,
+        x, weight, bias if bias is not None else y, scale if scale is not None else y,
+        residual if residual is not None else y, y, z if z is not None else y,
         M, N, K, triton.next_power_of_2(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), vector_stride(bias), vector_stride(scale),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         y.stride(0), z.stride(0) if z is not None else 0,
-        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None,
         STORE_PREACT=z is not None, INPUT_PRECISION=precision,
     )
 
 
 @triton.jit
-def _activation_bwd_kernel(
-    DY, Z, DZ, M, N,
-    stride_dym, stride_dyn, stride_zm, stride_dzm,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _epilogue_bwd_kernel(
+    DY, Z, S, DZ, DS_PART, M, N,
+    stride_dym, stride_dyn, stride_zm, stride_s, stride_dzm,
+    ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
+    READ_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dZ = dY ⊙ act'(Z) on one BLOCK_M × BLOCK_N tile, in fp32, rounded once on the store.
+    """Backward of the epilogue s ⊙ act(Z) on one BLOCK_M × BLOCK_N tile, in fp32.
 
     DY: [M, N] upstream gradient of Y, any strides (autograd may hand in an expanded tensor).
-    Z: [M, N] pre-activation the forward stored (row stride ``stride_zm``, unit column stride).
-    DZ: [M, N] output, dtype of Z (row stride ``stride_dzm``, unit column stride).
+    Z: [M, N] pre-activation the forward stored (row stride ``stride_zm``, unit column stride);
+       read when READ_Z (there is an activation, or COMPUTE_DSCALE).
+    S: [N] the forward's scale, any float dtype and stride (read when HAS_SCALE).
+    DZ: [M, N] dY ⊙ s ⊙ act'(Z), dtype of Z, rounded once on the store (row stride ``stride_dzm``,
+       unit column stride; written when STORE_DZ).
+    DS_PART: [cdiv(M, BLOCK_M), N] contiguous fp32: row ``program_id(0)`` receives this tile's column
+       sums of dY ⊙ act(Z), the scale's gradient before the launcher adds the rows up (COMPUTE_DSCALE).
     """
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pid_m = tl.program_id(0)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :].to(tl.int64) * stride_dyn,
-                 mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION == "gelu":
-        # d/dz z·Φ(z) = Φ(z) + z·φ(z)
-        dz = dy * (_gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
-    elif ACTIVATION == "gelu_tanh":
-        # d/dz z·s = s + z·ds/dz, ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
-        s = _gelu_tanh_gate(z)
-        dz = dy * (s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z))
-    else:  # relu
-        dz = tl.where(z > 0.0, dy, 0.0)
-    tl.store(DZ + rows[:, None] * stride_dzm + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    cols64 = cols.to(tl.int64)
+    g = tl.load(DY + rows[:, None] * stride_dym + cols64[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    if READ_Z:
+        z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if COMPUTE_DSCALE:
+        # Masked elements load dY = 0, so they add nothing.
+        tl.store(DS_PART + pid_m.to(tl.int64) * N + cols, tl.sum(g * _activate(z, ACTIVATION), axis=0), mask=col_ok)
+    if STORE_DZ:
+        if HAS_SCALE:
+            g *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == "gelu":
+            # d/dz z·Φ(z) = Φ(z) + z·φ(z)
+            g *= _gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        elif ACTIVATION == "gelu_tanh":
+            # d/dz z·s = s + z·ds/dz,
+            # ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
+            gate = _gelu_tanh_gate(z)
+            g *= gate + z * gate * (1.0 - gate) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+        elif ACTIVATION == "relu":
+            g = tl.where(z > 0.0, g, 0.0)
+        tl.store(DZ + rows[:, None] * stride_dzm + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
 
 
-def activation_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: torch.Tensor) -> None:
-    """Fill ``dz`` [M, N] (unit column stride) with dy ⊙ act'(z); dy [M, N] has any strides."""
-    M, N = z.shape
-    assert activation in ACTIVATIONS and activation != "none"
-    assert z.stride(1) == 1 and dz.stride(1) == 1
-    if M == 0 or N == 0:
-        return
+def epilogue_bwd(
+    dy: torch.Tensor,
+    z: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    activation: str,
+    dz: torch.Tensor | None,
+    compute_dscale: bool,
+) -> torch.Tensor | None:
+    """Fill ``dz`` [M, N] (unit column stride; when given) with dy ⊙ scale ⊙ act'(z) and return the
+    scale's fp32 gradient [N], Σ_rows dy ⊙ act(z), when ``compute_dscale``. dy [M, N] has any
+    strides; z [M, N] unit column stride (needed for an activation or the scale's gradient); scale
+    [N] any stride."""
+    M, N = dy.shape
+    assert activation in ACTIVATIONS
+    assert z is not None or (activation == "none" and not compute_dscale)
+    for t in (z, dz):
+        assert t is None or (t.shape == (M, N) and t.stride(1) == 1)
     block_m, block_n = 32, 128
-    _activation_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        dy, z, dz, M, N,
-        dy.stride(0), dy.stride(1), z.stride(0), dz.stride(0),
-        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )
+    dscale_part = torch.empty(triton.cdiv(M, block_m) if compute_dscale else 0, N, dtype=torch.float32,
+                              device=dy.device)
+    if M > 0 and N > 0 and (dz is not None or compute_dscale):
+        dummy = dscale_part if dz is None else dz  # stands in for absent pointers, never dereferenced
+        _epilogue_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            dy, dummy if z is None else z, dummy if scale is None else scale, dummy if dz is None else dz,
+            dscale_part, M, N,
+            dy.stride(0), dy.stride(1), 0 if z is None else z.stride(0), vector_stride(scale),
+            0 if dz is None else dz.stride(0),
+            ACTIVATION=activation, HAS_SCALE=scale is not None, STORE_DZ=dz is not None,
+            COMPUTE_DSCALE=compute_dscale, READ_Z=activation != "none" or compute_dscale,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        )
+    return dscale_part.sum(0) if compute_dscale else None
 
 
 def linear_bwd(

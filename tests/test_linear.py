@@ -1,5 +1,6 @@
 import contextlib
 import functools
+import itertools
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers.activations import ACT2FN
 from vitfast import runtime
 from vitfast.modules.mlp import Mlp, activation_name
 from vitfast.ops.linear import linear, mlp
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 ACT = {None: lambda t: t, "none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
        "relu": F.relu}
@@ -92,6 +93,32 @@ def test_linear_reads_strided_operands_in_place():
     r = _randn(40, 192)[:, ::2]
     assert x.stride() == (300, 1) and w.stride() == (1, 96) and r.stride() == (192, 2)
     _check_linear(x, w, _randn(96), "gelu", r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_parameter_layouts(dtype):
+    """Every pairing of weight layouts (contiguous, sliced, stride 0, transposed) with bias layouts
+    (contiguous, sliced, stride 0): the bias is read through its stride like the weight."""
+    require_triton_path()
+    x, r = _randn(17, 100, dtype=dtype), _randn(17, 96, dtype=dtype)
+    w, b = _params(100, 96, dtype)
+    for (_, wl), (_, bl) in itertools.product(layouts(w), layouts(b)):
+        _check_linear(x, wl, bl, "gelu", r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mlp_parameter_layouts(dtype):
+    require_triton_path()
+    x = _randn(2, 17, 64, dtype=dtype)
+    (w1, b1), (w2, b2) = _params(64, 96, dtype), _params(96, 64, dtype)
+    for pairs in zip(*(layouts(t) for t in (w1, b1, w2, b2))):  # the same layout for all four
+        name = pairs[0][0]
+        w1l, b1l, w2l, b2l = (t for _, t in pairs)
+        with runtime.count_launches() as counts:
+            out = mlp(x, w1l, b1l, w2l, b2l, "gelu", residual=x)
+        assert counts == {"mlp": 1}
+        assert_parity(out, _torch_mlp(x, w1l, b1l, w2l, b2l, "gelu", x),
+                      _torch_mlp(*map(_d, (x, w1l, b1l, w2l, b2l)), "gelu", _d(x)), what=name)
 
 
 def test_linear_copies_only_what_it_must():
@@ -192,7 +219,7 @@ def test_cpu_bf16_takes_pytorch():
     """The interpreter's bf16 tl.dot is wrong, so CPU bf16 must never reach the kernel."""
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     w, b = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
-    runtime._warned.discard("linear:cpu-bf16")
+    runtime._warned.discard("linear:interpreter-bf16")
     # Without the interpreter (a CUDA machine) CPU tensors take PyTorch anyway, silently.
     warns = pytest.warns(RuntimeWarning, match="bfloat16 under Triton's interp")
     with runtime.count_launches() as counts, warns if runtime.interpreter_enabled() else contextlib.nullcontext():
@@ -235,6 +262,13 @@ def _mlp_args(**changes):
     (mlp, _mlp_args(fc2_bias=torch.randn(63)), ValueError, "fc2_bias must have shape (64,), got (63,)"),
     (mlp, _mlp_args(residual=torch.randn(4, 256)), ValueError, "residual must have shape (4, 64), got (4, 256)"),
     (mlp, _mlp_args(activation="tanh"), ValueError, "got 'tanh'"),
+    (linear, _linear_args(scale=torch.randn(95)), ValueError, "scale must have shape (96,), got (95,)"),
+    (linear, _linear_args(scale=torch.randn(1)), ValueError, "scale must have shape (96,), got (1,)"),
+    (linear, _linear_args(scale=torch.ones(96, dtype=torch.int32)), TypeError, "scale must be float32"),
+    (linear, _linear_args(scale=torch.ones(96, device="meta")), ValueError, "scale is on meta but x is on cpu"),
+    (linear, _linear_args(scale=2.0), TypeError, "scale must be a torch.Tensor, got float"),
+    (mlp, _mlp_args(scale=torch.randn(256)), ValueError, "scale must have shape (64,), got (256,)"),
+    (linear, _linear_args(x=torch.randn(4, 100).to_sparse()), TypeError, "x must be a dense (strided) tensor"),
 ])
 def test_bad_input(op, kwargs, exc, words):
     with runtime.count_launches() as counts, pytest.raises(exc) as info:

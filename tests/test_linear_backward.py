@@ -1,6 +1,7 @@
 """linear / mlp backward on the kernels: every gradient against PyTorch's own autograd, three ways."""
 import copy
 import functools
+import itertools
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from vitfast import runtime
 from vitfast.modules.mlp import Mlp
 from vitfast.ops.linear import linear, mlp
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 ACT = {None: lambda t: t, "none": lambda t: t, "gelu": F.gelu, "relu": F.relu,
        "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
@@ -109,6 +110,18 @@ def test_linear_backward_any_upstream_strides():
         x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
         ref = torch.autograd.grad(_torch_linear(x64, w64, activation="gelu_tanh"), (x64, w64), upstream.double())
         assert_parity(out, pt, ref, what="grads of (x, weight)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_backward_parameter_layouts(dtype):
+    """Sliced, stride-0 and transposed weight leaves with sliced and stride-0 bias leaves: the kernels
+    read them through their strides and each gradient lands in its leaf's shape."""
+    require_triton_path()
+    inputs = _linear_inputs((17, 100), 96, dtype)
+    weights, biases = layouts(inputs["weight"]), layouts(inputs["bias"])
+    for (_, w), (_, b) in itertools.zip_longest(weights, biases, fillvalue=("contiguous", inputs["bias"])):
+        _check(linear, _torch_linear, {**inputs, "weight": w, "bias": b}, (17, 96), {"linear": 1, "linear_bwd": 1},
+               activation="gelu")
 
 
 def test_linear_backward_empty_batch():
