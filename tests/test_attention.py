@@ -1,6 +1,7 @@
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,13 @@ def test_attention_cpu_bf16_takes_pytorch():
     assert_parity(out, _sdpa(qkv, 2, torch.bfloat16), _sdpa(qkv, 2, torch.float64))
     assert_parity(out_qkv, F.scaled_dot_product_attention(q, k, v),
                   F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+
+
+def test_attention_numpy_scalars():
+    """num_heads and scale may be NumPy scalars (a config file's), as PyTorch's own modules allow."""
+    qkv = _qkv(2, 3, 17, 16, torch.float32)
+    out = _run_kernel(attention, qkv, np.int64(3), scale=np.float32(0.3))
+    assert_parity(out, _sdpa(qkv, 3, torch.float32, 0.3), _sdpa(qkv, 3, torch.float64, 0.3))
 
 
 def test_attention_pytorch_fallback_masks_and_lse():

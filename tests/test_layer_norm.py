@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,12 @@ def test_layer_norm_eps_zero_runs_on_the_kernel(dtype):
     keep[1, 4] = False
     ref = F.layer_norm(x.double(), (100,), w.double(), b.double(), eps=0.0)
     assert_parity(out[keep], pt[keep], ref[keep])
+
+
+def test_layer_norm_numpy_eps():
+    """A NumPy eps (from a config file, say) is a number as F.layer_norm takes it."""
+    x, _, w, b = _inputs((5, 96), torch.float32, False)
+    _check(x, None, w, b, eps=np.float32(1e-3))
 
 
 def test_layer_norm_non_affine_and_eps():

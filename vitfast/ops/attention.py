@@ -20,6 +20,7 @@ kernels compute no gradient for a float mask: a mask that needs one takes the Py
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -234,7 +235,7 @@ def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...]) ->
 
 
 def _check_scale(scale: object) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
@@ -299,8 +300,9 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     check_float("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D [batch, tokens, 3 * embed_dim], got shape {tuple(qkv.shape)}")
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    num_heads = int(num_heads)  # a NumPy integer from a config file, say: the custom op takes int
     B, N, width = qkv.shape
     if width % (3 * num_heads) != 0:
         raise ValueError(f"qkv last dimension ({width}) must be divisible by 3 * num_heads "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -146,7 +147,7 @@ def layer_norm(
         check_shape("residual", residual, tuple(x.shape))
         check_same_dtype("residual", residual, "x", x)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
     if kernel_path("layer_norm", x, weight, bias, dot=False):
