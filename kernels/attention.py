@@ -393,12 +393,15 @@ def _launch(kernel, autotuned, on_gpu: bool, tile: str, n: int, programs_per_til
 
 
 def _mask_strides(mask: torch.Tensor | None, heads: int) -> tuple[int, int, int, int]:
-    """(batch, head, query, key) strides of an [N, N] or [B·H, N, N] mask; 0 broadcasts."""
+    """(batch, head, query, key) strides of an [N, N], [B·H, N, N] or 4-D [B or 1, H or 1, N, N]
+    mask; 0 broadcasts."""
     if mask is None:
         return 0, 0, 0, 0
     if mask.dim() == 2:
         return 0, 0, mask.stride(0), mask.stride(1)
-    return heads * mask.stride(0), mask.stride(0), mask.stride(1), mask.stride(2)
+    if mask.dim() == 3:
+        return heads * mask.stride(0), mask.stride(0), mask.stride(1), mask.stride(2)
+    return tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
 
 
 def _mask_arg(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:

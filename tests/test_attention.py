@@ -163,6 +163,21 @@ def test_attention_strided_masks():
         assert_parity(out, _mha(qkv, H, torch.float32, **masks), _mha(qkv, H, torch.float64, **masks), what=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_4d_masks_broadcast_like_sdpa(dtype):
+    """4-D masks [B or 1, H or 1, N, N] (Hugging Face passes [B, 1, N, N]) are read in place, size-1
+    dimensions broadcast; each equals the [B·H, N, N] mask it broadcasts to."""
+    B, H, N, d = 2, 3, 17, 16
+    qkv = _qkv(B, H, N, d, dtype)
+    for shape in ((B, 1, N, N), (B, H, N, N), (1, H, N, N), (1, 1, N, N)):
+        for kind, mask in (("bool", torch.rand(*shape, device=DEVICE) < 0.3),
+                           ("additive", torch.randn(*shape, device=DEVICE, dtype=dtype))):
+            stacked = mask.expand(B, H, N, N).reshape(B * H, N, N)
+            out = _run_kernel(attention, qkv, H, attn_mask=mask)
+            assert_parity(out, _mha(qkv, H, dtype, attn_mask=stacked), _mha(qkv, H, torch.float64, attn_mask=stacked),
+                          what=f"{kind} {shape}")
+
+
 def mask_layouts(masks):
     """(name, masks) with every mask in ``masks`` in one layout of ``helpers.layouts``: contiguous,
     sliced, transposed, and for float masks stride 0 (one additive value per query row; a bool
@@ -317,7 +332,7 @@ def test_attention_custom_op_registration():
         (lambda x: attention(x, 2, key_padding_mask=torch.zeros(2, 17, dtype=torch.int64)), TypeError,
          "key_padding_mask must be bool or float32, float16, bfloat16 or float64, got torch.int64"),
         (lambda x: attention(x, 2, attn_mask=torch.zeros(3, 17, 17, dtype=torch.bool)), ValueError,
-         "attn_mask must have shape (17, 17) or (4, 17, 17), got (3, 17, 17)"),
+         "attn_mask must have shape (17, 17), (4, 17, 17) or one broadcasting to (2, 2, 17, 17), got (3, 17, 17)"),
         (lambda x: attention(x, 2, attn_mask=torch.zeros(17, 17, dtype=torch.int32)), TypeError,
          "attn_mask must be bool or float32"),
         (lambda x: attention(x, 2, attn_mask=torch.zeros(17, 17, device="meta")), ValueError,

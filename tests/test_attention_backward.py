@@ -79,6 +79,15 @@ def test_backward_mask_layouts(kind, B, H, N, d):
                      torch.float32, what=name)
 
 
+def test_backward_4d_mask():
+    """A [B, 1, N, N] mask (Hugging Face's) broadcasts over heads in the backward kernels too."""
+    B, H, N, d = 2, 3, 17, 16
+    mask = torch.rand(B, 1, N, N, device=DEVICE) < 0.3
+    stacked = mask.expand(B, H, N, N).reshape(B * H, N, N)
+    _check_grads(lambda x, _: attention(x, H, attn_mask=mask), lambda x, dt: _mha(x, H, dt, attn_mask=stacked),
+                 [_qkv(B, H, N, d, torch.float32)], torch.float32)
+
+
 def test_backward_strided_qkv_views():
     """A sequence-first buffer seen batch-first, and a slice of a wider buffer, both read in place."""
     B, H, N, d = 3, 3, 17, 64

@@ -3,9 +3,10 @@
 Mask convention (both entries): nn.MultiheadAttention's, not SDPA's.
 
 * ``key_padding_mask`` [B, N]: bool, True = ignore that key; or float, added to the scores.
-* ``attn_mask`` [N, N] or [B·heads, N, N] (batch-major, as nn.MultiheadAttention stacks it): bool,
-  True = NOT allowed (``F.scaled_dot_product_attention``'s bool mask means the opposite); or float,
-  added to the scaled scores.
+* ``attn_mask`` [N, N], [B·heads, N, N] (batch-major, as nn.MultiheadAttention stacks it) or 4-D,
+  broadcastable to [B, heads, N, N] (as Hugging Face passes it, [B, 1, N, N]): bool, True = NOT
+  allowed (``F.scaled_dot_product_attention``'s bool mask means the opposite); or float, added to
+  the scaled scores.
 * ``is_causal``: query i attends to keys 0..i; combines with the masks.
 
 A query row with no allowed key (every key masked) gives zeros, never NaN (recent SDPA agrees; older
@@ -194,6 +195,7 @@ def _bias(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, 
     if is_causal:
         bias = torch.where(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf, bias)
     masks = [] if attn_mask is None else [attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask]
+    # 2-D and 4-D masks broadcast against [B, H, N, N] as they are.
     if key_padding_mask is not None:
         masks.append(key_padding_mask[:, None, None, :])
     for m in masks:
@@ -225,12 +227,17 @@ def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
     return out, lse
 
 
-def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...]) -> None:
+def _broadcast_shapes(B: int, heads: int, N: int) -> tuple[tuple[int, ...], ...]:
+    """The 4-D attention-mask shapes that broadcast to [B, heads, N, N]."""
+    return tuple((b, h, N, N) for b in dict.fromkeys((B, 1)) for h in dict.fromkeys((heads, 1)))
+
+
+def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...], expected: str | None = None) -> None:
     check_tensor(name, mask)
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be bool or float32, float16, bfloat16 or float64, got {mask.dtype}")
     if tuple(mask.shape) not in shapes:
-        expected = " or ".join(str(s) for s in shapes)
+        expected = expected or " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name} must have shape {expected}, got {tuple(mask.shape)}")
 
 
@@ -351,6 +358,7 @@ def _check_common(name: str, x: Tensor, B: int, N: int, heads: int, d: int, key_
     if key_padding_mask is not None:
         _check_mask("key_padding_mask", key_padding_mask, ((B, N),))
     if attn_mask is not None:
-        _check_mask("attn_mask", attn_mask, ((N, N), (B * heads, N, N)))
+        _check_mask("attn_mask", attn_mask, ((N, N), (B * heads, N, N), *_broadcast_shapes(B, heads, N)),
+                    f"{(N, N)}, {(B * heads, N, N)} or one broadcasting to {(B, heads, N, N)}")
     check_same_device(**{name: x}, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     _check_scale(scale)
