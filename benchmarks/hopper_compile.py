@@ -52,11 +52,16 @@ def variants() -> list[Variant]:
     for dtype, act, prec in ((bf, "gelu", "ieee"), (bf, "none", "ieee"), (f32, "gelu_tanh", "tf32")):
         ptrs = {n: dtype for n in ("X", "W", "B", "R", "Y", "Z")}
         tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
-        out.append(Variant(f"linear {dtype} {act} + residual", L._linear_kernel, ptrs,
-                           dict(ACTIVATION=act, HAS_BIAS=True, HAS_RESIDUAL=True, STORE_PREACT=act != "none",
-                                INPUT_PRECISION=prec), {**big, "X": tensor}))
-    out.append(Variant("linear activation bwd gelu", L._activation_bwd_kernel, dict(DY=bf, Z=bf, DZ=bf),
-                       dict(ACTIVATION="gelu"), config=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)))
+        out.append(Variant(f"linear {dtype} {act} + residual{' + scale' if act == 'none' else ''}", L._linear_kernel,
+                           {**ptrs, "S": f32},
+                           dict(ACTIVATION=act, HAS_BIAS=True, HAS_SCALE=act == "none", HAS_RESIDUAL=True,
+                                STORE_PREACT=act != "none", INPUT_PRECISION=prec), {**big, "X": tensor}))
+    epilogue_cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)
+    for act, scale in (("gelu", False), ("gelu", True), ("none", True)):
+        out.append(Variant(f"linear epilogue bwd {act}{' + scale' if scale else ''}", L._epilogue_bwd_kernel,
+                           dict(DY=bf, Z=bf, S=f32, DZ=bf, DS_PART=f32),
+                           dict(ACTIVATION=act, HAS_SCALE=scale, STORE_DZ=True, COMPUTE_DSCALE=scale, READ_Z=True),
+                           config=epilogue_cfg))
     pe_prune = dict(D=768, K=768, TOKENS_PER_SPLIT=50176, X=torch.empty(0, dtype=torch.bfloat16),
                     W=torch.empty(0, dtype=torch.bfloat16))
     pe_common = dict(P=16, PREFIX=1, INPUT_PRECISION="ieee")
