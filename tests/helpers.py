@@ -40,3 +40,47 @@ def layouts(t: torch.Tensor, stride0: bool = True):
         yield "stride0", leaf(t[..., :1].expand(t.shape))
     if t.dim() >= 2:
         yield "transposed", leaf(t.mT.contiguous().mT)
+
+
+def _assign_data(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    getattr(module, name).data = value.clone()
+
+
+def _new_parameter(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(module, name, torch.nn.Parameter(value.clone()))
+
+
+def _copy_under_no_grad(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        getattr(module, name).copy_(value)
+
+
+# The ways code changes a module's parameter after it has run (EMA updates, checkpoint loaders,
+# pruning, weight surgery): ``edit(module, parameter name, new value)``. Only some bump the tensor's
+# version counter, so a cache keyed on it misses the others.
+PARAMETER_EDITS = {
+    "copy_": _copy_under_no_grad,
+    "data.copy_": lambda m, n, v: getattr(m, n).data.copy_(v),
+    "data =": _assign_data,
+    "new Parameter": _new_parameter,
+    "load_state_dict": lambda m, n, v: m.load_state_dict({**m.state_dict(), n: v}),
+}
+
+
+def _zero_output(module, args, output):
+    return output * 0
+
+
+def _zero_input(module, args):
+    return (args[0] * 0, *args[1:])
+
+
+# The hooks code registers on a submodule to read or steer it (feature extraction, attention-map
+# capture, activation patching): ``register(module, calls)`` returns the handle; each hook appends to
+# ``calls`` when it fires and changes the module's result, so a bypassed hook changes the output.
+HOOKS = {
+    "forward": lambda m, calls: m.register_forward_hook(lambda *a: calls.append(1) or _zero_output(*a)),
+    "forward_pre": lambda m, calls: m.register_forward_pre_hook(lambda *a: calls.append(1) or _zero_input(*a)),
+    "forward_with_kwargs": lambda m, calls: m.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(1) or out * 0, with_kwargs=True),
+}

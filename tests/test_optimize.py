@@ -1,5 +1,6 @@
 """vitfast.optimize on the models people have: same logits, and really on vitfast's kernels."""
 import copy
+import re
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 
 import vitfast
 from vitfast import runtime
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, PARAMETER_EDITS, assert_parity, require_triton_path
 
 IMG, PATCH, WIDTH, DEPTH, HEADS, CLASSES = 32, 8, 64, 2, 4, 10
 
@@ -56,9 +57,9 @@ def _randomize(model):
 
 FAMILIES = {
     "reference": (reference_vit, {"FastVisionTransformer": 1, "FastTransformerEncoderLayer": DEPTH}),
-    "timm": (timm_vit, {"TimmPatchEmbed": 1, "TimmBlock": DEPTH}),
-    "torchvision": (torchvision_vit, {"PatchConv2d": 1, "TorchvisionEncoderBlock": DEPTH}),
-    "huggingface": (hf_vit, {"HFViTEmbeddings": 1, "HFViTLayer": DEPTH}),
+    "timm": (timm_vit, {"FastPatchEmbed": 1, "FastBlock": DEPTH}),
+    "torchvision": (torchvision_vit, {"PatchConv2d": 1, "FastEncoderBlock": DEPTH}),
+    "huggingface": (hf_vit, {"FastViTEmbeddings": 1, "FastViTLayer": DEPTH}),
 }
 
 
@@ -107,7 +108,7 @@ def test_optimize_state_dict_round_trip_and_inplace():
 
 def test_optimize_timm_layer_scale_and_no_class_token():
     build = lambda: timm_vit(init_values=0.3, class_token=False, global_pool="avg", no_embed_class=True)  # noqa: E731
-    _check_family(build, {"TimmBlock": DEPTH}, torch.float32)
+    _check_family(build, {"FastBlock": DEPTH}, torch.float32)
 
 
 def test_optimize_generic_encoder_in_a_user_model():
@@ -162,14 +163,27 @@ def test_optimize_rejects_non_module():
         vitfast.optimize({"not": "a model"})
 
 
-@pytest.mark.parametrize("family", ["reference", "timm"])
-def test_optimized_model_wrong_image_size_or_channels(family):
-    model = vitfast.optimize(FAMILIES[family][0]().to(DEVICE).eval())
+def test_optimized_reference_vit_wrong_image_size_or_channels():
+    """vitfast's own reference ViT gets vitfast's clear errors, raised before any launch."""
+    model = vitfast.optimize(reference_vit().to(DEVICE).eval())
     for h in (IMG + 4, IMG + PATCH):  # not a multiple of the patch; a grid the position table lacks
         with torch.no_grad(), pytest.raises(ValueError, match=rf"height {h}|{h}x|\({h}, {IMG}\)|{h // PATCH}x"):
             model(torch.randn(1, 3, h, IMG, device=DEVICE))
     with torch.no_grad(), pytest.raises(ValueError, match="channel"):
         model(torch.randn(1, 4, IMG, IMG, device=DEVICE))
+
+
+@pytest.mark.parametrize("family", ["timm", "torchvision", "huggingface"])
+def test_optimized_model_wrong_image_raises_as_the_original(family):
+    """Inputs the fused embedding cannot take go to the library's own code, which raises its own error."""
+    model = FAMILIES[family][0]().to(DEVICE).eval()
+    fast = vitfast.optimize(copy.deepcopy(model))
+    for shape in ((1, 3, IMG + 4, IMG), (1, 3, IMG + PATCH, IMG), (1, 4, IMG, IMG)):
+        x = torch.randn(*shape, device=DEVICE)
+        with torch.no_grad(), pytest.raises(Exception) as original:
+            model(x)
+        with torch.no_grad(), pytest.raises(original.type, match=re.escape(str(original.value)[:40])):
+            fast(x)
 
 
 def test_optimized_model_trains_with_dropout_like_pytorch():
@@ -217,22 +231,29 @@ def test_optimize_vit_b16_bf16(family):
 
 
 @pytest.mark.parametrize("family", ["timm-layerscale", "huggingface"])
-def test_derived_weights_follow_parameter_updates(family):
-    """Folded LayerScale and packed QKV are cached, and recomputed when a source parameter changes."""
+@pytest.mark.parametrize("edit", list(PARAMETER_EDITS))
+def test_parameter_edits_after_a_forward_are_seen(family, edit):
+    """LayerScale and the packed QKV are derived from the parameters on every call, so every way of
+    changing a parameter shows at once, writes through ``.data`` (which bump no version counter) too."""
     if family == "huggingface":
-        build = hf_vit
-        # The first layer's query weight, in the transformers 5 (q_proj) or 4 (attention.query) layout.
-        pick = lambda m: next(p for n, p in m.named_parameters()  # noqa: E731
-                              if n.endswith(".0.attention.q_proj.weight") or n.endswith(".0.attention.attention.query.weight"))
+        build, path, name = hf_vit, "vit.layers.0.attention.q_proj", "weight"
     else:
-        build = lambda: timm_vit(init_values=0.3)  # noqa: E731
-        pick = lambda m: m.blocks[0].ls2.gamma  # noqa: E731
+        build, path, name = (lambda: timm_vit(init_values=0.3)), "blocks.0.ls2", "gamma"
     model = _randomize(build()).to(DEVICE).eval()
     fast = vitfast.optimize(copy.deepcopy(model))
     x = torch.randn(2, 3, IMG, IMG, device=DEVICE)
+    module = model.get_submodule(path)
+    new = torch.randn_like(getattr(module, name))
     with torch.no_grad():
-        _logits(fast, x)  # fills the cache
+        before = _logits(fast, x)
         for m in (model, fast):
-            pick(m).mul_(1.5)
+            target = m.get_submodule(path)
+            edit_fn = PARAMETER_EDITS[edit]
+            if edit == "load_state_dict":
+                edit_fn(m, f"{path}.{name}", new)
+            else:
+                edit_fn(target, name, new)
         ref = _logits(copy.deepcopy(model).double(), x.double())
-        assert_parity(_logits(fast, x), _logits(model, x), ref)
+        after = _logits(fast, x)
+        assert_parity(after, _logits(model, x), ref)
+    assert (after - before).abs().max() > 1e-3

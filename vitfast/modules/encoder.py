@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import runtime
-from ._block import BlockWeights, post_norm_block, pre_norm_block
+from ._block import BlockWeights, linear_params, norm_params, param, post_norm_block, pre_norm_block
+from ._fused import Fused, Unfusable
 from ._share import share_as
 from .layer_norm import LayerNorm
 from .mlp import activation_name
+
+_OUT_PROJ = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def _dropout_active(layer: nn.TransformerEncoderLayer) -> bool:
@@ -17,15 +19,28 @@ def _dropout_active(layer: nn.TransformerEncoderLayer) -> bool:
 
 
 def unsupported_reason(layer: nn.TransformerEncoderLayer) -> str | None:
-    """Why vitfast cannot run this layer's configuration, or None when it can."""
+    """Why vitfast cannot run this layer's configuration, or None when it can. Every submodule the
+    fused path reads must be of the exact class PyTorch put there: a subclass or a wrapper (LoRA,
+    quantisation) may compute something else."""
+    attn = layer.self_attn
+    if type(attn) is not nn.MultiheadAttention or type(attn.out_proj) not in _OUT_PROJ:
+        return f"self_attn is a {type(attn).__name__}, not nn.MultiheadAttention"
+    for name in ("linear1", "linear2"):
+        if type(getattr(layer, name)) is not nn.Linear:
+            return f"{name} is a {type(getattr(layer, name)).__name__}, not nn.Linear"
+    for name in ("dropout", "dropout1", "dropout2"):
+        if type(getattr(layer, name)) is not nn.Dropout:
+            return f"{name} is a {type(getattr(layer, name)).__name__}, not nn.Dropout"
     if activation_name(layer.activation) is None:
         return f"activation {layer.activation!r} is not gelu or relu"
-    if not layer.self_attn._qkv_same_embed_dim:
+    if not attn._qkv_same_embed_dim:
         return "self_attn has separate kdim/vdim projections"
-    if layer.self_attn.bias_k is not None or layer.self_attn.add_zero_attn:
+    if attn.bias_k is not None or attn.add_zero_attn:
         return "self_attn uses add_bias_kv or add_zero_attn"
     if type(layer.norm1) not in (nn.LayerNorm, LayerNorm) or type(layer.norm2) not in (nn.LayerNorm, LayerNorm):
         return "norm1/norm2 are not nn.LayerNorm"
+    if not (layer.norm1.eps >= 0 and layer.norm2.eps >= 0):
+        return "a LayerNorm has a negative eps"
     return None
 
 
@@ -34,19 +49,22 @@ def _check_mask_dtype(name: str, mask: Tensor | None) -> None:
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
 
 
-class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` whose forward runs on vitfast's fused ops.
 
     Same constructor, parameters and ``state_dict``; PyTorch's meaning for ``norm_first``,
     ``batch_first``, ``activation`` (gelu/relu as strings or functions), ``layer_norm_eps``,
     ``bias``, ``src_key_padding_mask``, ``src_mask`` (bool: True = masked; float: added) and
     ``is_causal`` (a hint that ``src_mask`` is causal, as in PyTorch). In training with dropout
-    p > 0 it runs PyTorch's own forward (exact dropout semantics) until a fused dropout exists.
+    p > 0 it runs PyTorch's own forward (exact dropout semantics) until a fused dropout exists, and
+    so it does, with one warning, while hooks sit on its submodules or one of them was replaced.
     A query row whose keys are all masked yields zeros where PyTorch yields NaN.
 
     >>> layer = FastTransformerEncoderLayer(d_model=768, nhead=12, batch_first=True)
     >>> fast = FastTransformerEncoderLayer.from_torch(torch_layer)  # shares torch_layer's weights
     """
+
+    _vitfast_original = nn.TransformerEncoderLayer
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> "FastTransformerEncoderLayer":
@@ -61,33 +79,32 @@ class FastTransformerEncoderLayer(nn.TransformerEncoderLayer):
         return new
 
     def _weights(self) -> BlockWeights:
-        attn = self.self_attn
+        m = self._modules
+        attn = m["self_attn"]
+        (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(x) for x in (
+            attn._modules["out_proj"], m["linear1"], m["linear2"]))
         return BlockWeights(
-            num_heads=attn.num_heads,
-            qkv_weight=attn.in_proj_weight, qkv_bias=attn.in_proj_bias,
-            proj_weight=attn.out_proj.weight, proj_bias=attn.out_proj.bias,
-            norm1=(self.norm1.weight, self.norm1.bias, self.norm1.eps),
-            norm2=(self.norm2.weight, self.norm2.bias, self.norm2.eps),
-            fc1_weight=self.linear1.weight, fc1_bias=self.linear1.bias,
-            fc2_weight=self.linear2.weight, fc2_bias=self.linear2.bias,
+            num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
+            proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(m["norm1"]), norm2=norm_params(m["norm2"]),
+            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
             activation=activation_name(self.activation),
         )
 
-    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        reason = unsupported_reason(self)
-        if reason is not None:
-            runtime.warn_once(f"encoder-layer:{reason}", f"FastTransformerEncoderLayer: {reason}; using PyTorch")
-        if reason is not None or _dropout_active(self) or src.is_nested:
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+    def _vitfast_unsupported(self) -> str | None:
+        return unsupported_reason(self)
+
+    def _vitfast_declines(self, src: Tensor, src_mask: Tensor | None = None,
+                          src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> bool:
+        # PyTorch's own code: exact dropout, nested tensors, and its error for a causal hint without a mask.
+        return _dropout_active(self) or src.is_nested or (is_causal and src_mask is None)
+
+    def _fused_forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                       is_causal: bool = False) -> Tensor:
         _check_mask_dtype("src_mask", src_mask)
         _check_mask_dtype("src_key_padding_mask", src_key_padding_mask)
-        if is_causal and src_mask is None:
-            raise RuntimeError("is_causal=True is a hint that src_mask is the causal mask; pass src_mask too")
-
-        unbatched = src.dim() == 2
         if src.dim() not in (2, 3):
-            raise ValueError(f"src must be 2-D (unbatched) or 3-D, got shape {tuple(src.shape)}")
+            raise Unfusable(f"src of shape {tuple(src.shape)} is neither 2-D (unbatched) nor 3-D")
+        unbatched = src.dim() == 2
         x = src.unsqueeze(0) if unbatched else (src if self.self_attn.batch_first else src.transpose(0, 1))
         kpm = src_key_padding_mask
         if kpm is not None and unbatched:
@@ -117,7 +134,7 @@ def _pytorch_pads_with_zeros(encoder: nn.TransformerEncoder, src: Tensor, mask, 
         torch._nested_tensor_from_mask_left_aligned(src if batch_first else src.transpose(0, 1), keep))
 
 
-class FastTransformerEncoder(nn.TransformerEncoder):
+class FastTransformerEncoder(Fused, nn.TransformerEncoder):
     """``nn.TransformerEncoder`` whose layers are ``FastTransformerEncoderLayer``s (final ``norm`` included).
 
     Same constructor and ``state_dict``; layers given as ``nn.TransformerEncoderLayer`` are converted
@@ -125,6 +142,9 @@ class FastTransformerEncoder(nn.TransformerEncoder):
 
     >>> enc = FastTransformerEncoder(nn.TransformerEncoderLayer(768, 12, batch_first=True), num_layers=12)
     """
+
+    _vitfast_original = nn.TransformerEncoder
+    _vitfast_bypasses = ()  # each layer and the final norm are called as modules: their hooks fire
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,8 +167,8 @@ class FastTransformerEncoder(nn.TransformerEncoder):
         if type(self.norm) is nn.LayerNorm:
             self.norm = LayerNorm.from_torch(self.norm)
 
-    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool | None = None) -> Tensor:
+    def _fused_forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                       is_causal: bool | None = None) -> Tensor:
         _check_mask_dtype("mask", mask)
         _check_mask_dtype("src_key_padding_mask", src_key_padding_mask)
         batch_first = self.layers[0].self_attn.batch_first

@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import reference
 from ..ops.patch_embed import patch_embed
+from ._fused import Fused, Unfusable
 from ._share import share_as
 
 
@@ -19,9 +20,49 @@ def _check_patch_conv(conv: nn.Module) -> None:
         got = getattr(conv, name)
         if got != want:
             raise ValueError(f"proj.{name} must be {want} for a patch embedding, got {got}")
+    if type(conv) not in (nn.Conv2d, PatchConv2d):
+        raise TypeError(f"proj must be an nn.Conv2d, got its subclass {type(conv).__name__}")
 
 
-class PatchEmbedding(reference.PatchEmbedding):
+def patch_conv_reason(conv: object) -> str | None:
+    """Why ``conv`` is not a patch projection the fused kernel computes, or None when it is."""
+    try:
+        _check_patch_conv(conv)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+class PatchConv2d(Fused, nn.Conv2d):
+    """``nn.Conv2d`` with kernel = stride (a patch projection) on vitfast's patch-embedding kernel.
+
+    It returns the usual [B, D, H/P, W/P] values as a view of the [B, N, D] token buffer the kernel
+    writes (channels-last strides), so code that then flattens and transposes to tokens, like
+    torchvision's ``_process_input``, does so without a copy. Inputs the kernel does not take (an
+    unbatched image, sides that are not multiples of P) run ``nn.Conv2d``'s own forward.
+    """
+
+    _vitfast_original = nn.Conv2d
+
+    @classmethod
+    def from_torch(cls, conv: nn.Conv2d) -> "PatchConv2d":
+        _check_patch_conv(conv)
+        return share_as(conv, cls)
+
+    def _vitfast_unsupported(self) -> str | None:
+        return patch_conv_reason(self)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.kernel_size[0]
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of {self.in_channels}-channel "
+                            f"images cut into whole {p}x{p} patches")
+        tokens = patch_embed(x, self.weight, self.bias)  # [B, N, D]
+        b, _, h, w = x.shape
+        return tokens.view(b, h // p, w // p, -1).permute(0, 3, 1, 2)
+
+
+class PatchEmbedding(Fused, reference.PatchEmbedding):
     """Drop-in for ``vitfast.reference.PatchEmbedding`` ([B, C, H, W] -> [B, N, D]): same constructor,
     ``proj.weight``/``proj.bias`` and ``state_dict``; the projection runs as one fused GEMM.
 
@@ -30,7 +71,12 @@ class PatchEmbedding(reference.PatchEmbedding):
     <All keys matched successfully>
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    _vitfast_original = reference.PatchEmbedding
+
+    def _vitfast_unsupported(self) -> str | None:
+        return patch_conv_reason(self.proj)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return patch_embed(x, self.proj.weight, self.proj.bias)
 
     @classmethod

@@ -6,16 +6,26 @@ import torch
 
 from .. import reference
 from ..ops.patch_embed import patch_embed
+from ._fused import Fused
+from .patch_embed import PatchEmbedding, patch_conv_reason
 
 
-class FastVisionTransformer(reference.VisionTransformer):
+class FastVisionTransformer(Fused, reference.VisionTransformer):
     """``vitfast.reference.VisionTransformer`` whose forward fuses the embedding stage.
 
     Same constructor, parameters and ``state_dict``; ``vitfast.optimize`` turns a reference ViT into
     one in place and converts its encoder to ``FastTransformerEncoder``.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    _vitfast_original = reference.VisionTransformer
+    _vitfast_bypasses = ("patch_embed",)  # the encoder and the head are called as modules
+
+    def _vitfast_unsupported(self) -> str | None:
+        if type(self.patch_embed) not in (reference.PatchEmbedding, PatchEmbedding):
+            return f"patch_embed is a {type(self.patch_embed).__name__}"
+        return patch_conv_reason(self.patch_embed.proj)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.patch_embed.proj
         tokens = patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed)
         tokens = self.encoder(tokens)

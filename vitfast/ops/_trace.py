@@ -9,12 +9,13 @@ import torch.fx
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _first_proxy(values: Iterable[Any]) -> torch.fx.Proxy | None:
+def first_proxy(values: Iterable[Any]) -> torch.fx.Proxy | None:
+    """The first ``torch.fx.Proxy`` among ``values`` (looking inside tuples and lists), or None."""
     for v in values:
         if isinstance(v, torch.fx.Proxy):
             return v
         if isinstance(v, (tuple, list)):
-            found = _first_proxy(v)
+            found = first_proxy(v)
             if found is not None:
                 return found
     return None
@@ -30,7 +31,7 @@ def fx_traceable(op: F) -> F:
     """
     @functools.wraps(op)
     def run_or_record(*args: Any, **kwargs: Any) -> Any:
-        proxy = _first_proxy((*args, *kwargs.values()))  # never ``or``: a Proxy refuses bool()
+        proxy = first_proxy((*args, *kwargs.values()))  # never ``or``: a Proxy refuses bool()
         if proxy is not None:
             return proxy.tracer.create_proxy("call_function", run_or_record, args, kwargs)
         return op(*args, **kwargs)

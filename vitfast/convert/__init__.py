@@ -1,0 +1,78 @@
+"""``vitfast.optimize(model)``: swap what vitfast knows for fused stand-ins, keeping the weights.
+
+Recognised by exact class, wherever they sit in the model (one file per ecosystem):
+
+* PyTorch (``pytorch.py``): ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, ``nn.LayerNorm``
+  over one dimension, and ``vitfast.reference``'s ``VisionTransformer`` and ``PatchEmbedding``;
+* timm (``timm.py``): ``PatchEmbed``, the ViT ``Block``, ``LayerNorm``;
+* torchvision (``torchvision.py``): the ViT's ``conv_proj`` and ``EncoderBlock``;
+* Hugging Face (``huggingface.py``): ``ViTEmbeddings`` and ``ViTLayer``.
+
+A module is swapped by changing its class, in place, to a subclass of its own class (a stand-in,
+``vitfast/modules/_fused.py``): same object, parameters, ``state_dict``, hooks and methods. A stand-in
+runs the original forward, per call, whenever the fused path cannot honour the call exactly.
+Everything else is left untouched; a known module in a configuration vitfast cannot run stays as it
+is, and the report says why.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from ..modules._fused import Fused, UnfusedForScripting
+from . import huggingface, pytorch, timm, torchvision
+from .report import Entry, Report
+from .rules import Rule
+
+__all__ = ["Entry", "Report", "optimize"]
+
+RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *torchvision.RULES, *huggingface.RULES]
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, report: Report) -> bool:
+    """Convert ``module`` and everything below it; True when a stand-in now sits at or below it."""
+    rule = next((r for r in RULES if r.matches(module, parent, name)), None)
+    if rule is not None:
+        reason = rule.reason(module)
+        if reason is None:
+            kind = _name(type(module))
+            rule.swap(module)
+            report.swapped.append(Entry(path, kind, type(module).__name__))
+        else:
+            report.skipped.append(Entry(path, _name(type(module)), reason))
+    below = False
+    for child_name, child in list(module._modules.items()):
+        if child is not None:
+            below |= _walk(child, module, child_name, f"{path}.{child_name}" if path else child_name, report)
+    if below and not isinstance(module, Fused) and not hasattr(type(module), "__prepare_scriptable__"):
+        # torch.jit.script replaces children in place with their scriptable form: script a copy instead.
+        module.__prepare_scriptable__ = UnfusedForScripting(module)
+    return below or isinstance(module, Fused)
+
+
+def optimize(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Swap the layers vitfast knows for fused ones with the same weights and ``state_dict``.
+
+    Returns the model (the same object when ``inplace``, else a converted deep copy). What was
+    swapped and what was left alone, with the reason, is in ``model.vitfast_report`` (print it).
+    Every call that worked on the model before works after it: a swapped module runs its original
+    forward for any call its fused path cannot compute exactly (hooks on its submodules, a submodule
+    replaced after conversion, attention weights or masks asked for, dropout while training).
+
+    >>> model = vitfast.reference.vit_base().cuda().eval().half()
+    >>> model = vitfast.optimize(model)
+    >>> print(model.vitfast_report)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report()
+    _walk(model, None, "", "", report)
+    model.vitfast_report = report
+    return model

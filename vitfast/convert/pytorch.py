@@ -1,0 +1,34 @@
+"""Conversion rules for PyTorch's own modules and the tutorial ViT of ``vitfast.reference``."""
+from __future__ import annotations
+
+from torch import nn
+
+from .. import reference
+from ..modules.encoder import FastTransformerEncoder, FastTransformerEncoderLayer, unsupported_reason
+from ..modules.layer_norm import LayerNorm, LayerNormForward
+from ..modules.patch_embed import PatchEmbedding
+from ..modules.vit import FastVisionTransformer
+from .rules import Location, Rule, head_dim_reason, location
+
+
+def _encoder_layer_reason(layer: nn.TransformerEncoderLayer) -> str | None:
+    return unsupported_reason(layer) or head_dim_reason(layer.self_attn.embed_dim, layer.self_attn.num_heads)
+
+
+# A stand-in's own per-call check doubles as the conversion check: it only reads attributes.
+layer_norm_reason = LayerNormForward._vitfast_unsupported
+
+
+def is_layer_norm(m: nn.Module, *classes: Location) -> bool:
+    """Whether ``m`` is a LayerNorm over the last dimension of one of ``classes`` (nn.LayerNorm when
+    none are named) or vitfast's stand-in for one."""
+    cls = type(m)._vitfast_original if isinstance(m, LayerNormForward) else type(m)
+    return location(cls) in (classes or (location(nn.LayerNorm),)) and layer_norm_reason(m) is None
+
+RULES = [
+    Rule((location(reference.VisionTransformer),), FastVisionTransformer._vitfast_unsupported, FastVisionTransformer),
+    Rule((location(reference.PatchEmbedding),), PatchEmbedding._vitfast_unsupported, PatchEmbedding),
+    Rule((location(nn.TransformerEncoder),), lambda m: None, FastTransformerEncoder),
+    Rule((location(nn.TransformerEncoderLayer),), _encoder_layer_reason, FastTransformerEncoderLayer),
+    Rule((location(nn.LayerNorm),), layer_norm_reason, LayerNorm),
+]

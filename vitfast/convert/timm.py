@@ -1,0 +1,134 @@
+"""timm: ``PatchEmbed``, the ViT ``Block`` and ``LayerNorm``, matched by exact class (timm need not be
+installed for this file to import; it is never imported here)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
+from ..modules._fused import Fused, Unfusable
+from ..modules.layer_norm import LayerNormForward
+from ..modules.mlp import activation_name
+from ..modules.patch_embed import patch_conv_reason
+from ..ops.patch_embed import patch_embed
+from .pytorch import is_layer_norm, layer_norm_reason
+from .rules import Rule, head_dim_reason, is_exactly, location
+
+BLOCK = ("timm.models.vision_transformer", "Block")
+ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention"))
+MLP = ("timm.layers.mlp", "Mlp")
+LAYER_SCALE = (("timm.layers.layer_scale", "LayerScale"), ("timm.models.vision_transformer", "LayerScale"))
+DROP_PATH = ("timm.layers.drop", "DropPath")
+LAYER_NORM = ("timm.layers.norm", "LayerNorm")
+PATCH_EMBED = ("timm.layers.patch_embed", "PatchEmbed")
+_LINEAR, _DROPOUT, _IDENTITY = location(nn.Linear), location(nn.Dropout), location(nn.Identity)
+_NORMS = (location(nn.LayerNorm), LAYER_NORM)
+
+
+def _identity_or(m: nn.Module | None, *locations) -> bool:
+    return m is None or is_exactly(m, _IDENTITY, *locations)
+
+
+def _drop_p(m: nn.Module) -> float:
+    return float(getattr(m, "p", getattr(m, "drop_prob", 0.0)))
+
+
+def block_reason(block: nn.Module) -> str | None:
+    """Why a timm ``Block`` cannot run fused: every submodule its forward reads must be the exact timm
+    or torch class the fused path reproduces (differential attention, GLU MLPs, qk-norm and the like are not)."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    if not is_exactly(attn, *ATTENTION):
+        return f"attn is a {type(attn).__name__}, not timm's Attention"
+    if not (is_exactly(attn.qkv, _LINEAR) and is_exactly(attn.proj, _LINEAR)):
+        return "attn.qkv or attn.proj is not an nn.Linear"
+    if not (all(_identity_or(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm"))
+            and getattr(attn, "gate", None) is None):
+        return "qk-norm, attention scale-norm or gating is not fused"
+    if not is_exactly(mlp, MLP):
+        return f"mlp is a {type(mlp).__name__}, not timm's Mlp"
+    if not (is_exactly(mlp.fc1, _LINEAR) and is_exactly(mlp.fc2, _LINEAR) and _identity_or(mlp.norm)):
+        return "mlp.fc1/fc2 are not nn.Linear or mlp has a norm"
+    if activation_name(mlp.act) is None:
+        return f"mlp activation {type(mlp.act).__name__} is not fused"
+    if not all(is_exactly(m, _DROPOUT) for m in (attn.attn_drop, attn.proj_drop, mlp.drop1, mlp.drop2)):
+        return "a dropout is not nn.Dropout"
+    if not all(_identity_or(getattr(block, n, None), *LAYER_SCALE) for n in ("ls1", "ls2")):
+        return "ls1/ls2 are not timm's LayerScale"
+    if not all(_identity_or(getattr(block, n, None), DROP_PATH) for n in ("drop_path1", "drop_path2")):
+        return "drop_path1/drop_path2 are not timm's DropPath"
+    if not (is_layer_norm(block.norm1, *_NORMS) and is_layer_norm(block.norm2, *_NORMS)):
+        return "norm1/norm2 are not a LayerNorm over the last dimension"
+    inner = attn.proj.in_features
+    if attn.qkv.out_features != 3 * inner or attn.num_heads * attn.head_dim != inner:
+        return "attention width differs from the qkv width"
+    return head_dim_reason(inner, attn.num_heads)
+
+
+def _gamma(ls: nn.Module) -> Tensor | None:
+    return None if isinstance(ls, nn.Identity) else param(ls, "gamma")
+
+
+class TimmBlockForward(Fused):
+    """timm ``Block`` (pre-norm) as one fused block; LayerScale is applied in the GEMM epilogues."""
+
+    def _vitfast_unsupported(self) -> str | None:
+        return block_reason(self)
+
+    def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
+        dropping = self.training and any(_drop_p(m) > 0 for m in (
+            self.attn.attn_drop, self.attn.proj_drop, self.mlp.drop1, self.mlp.drop2, self.drop_path1,
+            self.drop_path2))
+        return attn_mask is not None or bool(is_causal) or dropping
+
+    def _weights(self) -> BlockWeights:
+        m = self._modules
+        attn, mlp = m["attn"]._modules, m["mlp"]._modules
+        (qkv_w, qkv_b), (proj_w, proj_b) = linear_params(attn["qkv"]), linear_params(attn["proj"])
+        (fc1_w, fc1_b), (fc2_w, fc2_b) = linear_params(mlp["fc1"]), linear_params(mlp["fc2"])
+        a = m["attn"]
+        return BlockWeights(
+            num_heads=a.num_heads, qkv_weight=qkv_w, qkv_bias=qkv_b, proj_weight=proj_w, proj_bias=proj_b,
+            norm1=norm_params(m["norm1"]), norm2=norm_params(m["norm2"]),
+            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
+            activation=activation_name(mlp["act"]),
+            # SDPA (timm's fused path) scales by 1/sqrt(head_dim) whatever attn.scale holds.
+            scale=None if a.fused_attn else a.scale,
+            proj_scale=_gamma(m["ls1"]), fc2_scale=_gamma(m["ls2"]),
+        )
+
+    def _fused_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return pre_norm_block(x, self._weights())
+
+
+def patch_embed_reason(pe: nn.Module) -> str | None:
+    reason = patch_conv_reason(getattr(pe, "proj", None))
+    if reason is not None:
+        return reason
+    if not _identity_or(getattr(pe, "norm", None)) or getattr(pe, "dynamic_img_pad", False):
+        return "a norm layer or dynamic padding is not fused"
+    # timm flattens to [B, N, D] when flatten=True (output_fmt then reads NCHW) or output_fmt is NLC.
+    fmt = str(getattr(pe.output_fmt, "value", pe.output_fmt))
+    if not pe.flatten and fmt != "NLC":
+        return f"output format {fmt} is not [B, N, D] tokens"
+    return None
+
+
+class TimmPatchEmbedForward(Fused):
+    """timm ``PatchEmbed`` (kernel = stride Conv2d, flattened to [B, N, D] tokens, no norm) in one launch."""
+
+    def _vitfast_unsupported(self) -> str | None:
+        return patch_embed_reason(self)
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        p, size = self.proj.kernel_size[0], self.img_size
+        if x.dim() != 4 or x.shape[1] != self.proj.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of images cut into whole {p}x{p} patches")
+        if self.strict_img_size and size is not None and tuple(x.shape[-2:]) != tuple(size):
+            raise Unfusable(f"images of size {tuple(x.shape[-2:])}, not {tuple(size)}")
+        return patch_embed(x, self.proj.weight, self.proj.bias)
+
+
+RULES = [
+    Rule((PATCH_EMBED,), patch_embed_reason, TimmPatchEmbedForward),
+    Rule((BLOCK,), block_reason, TimmBlockForward),
+    Rule((LAYER_NORM,), layer_norm_reason, LayerNormForward),
+]

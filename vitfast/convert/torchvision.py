@@ -1,0 +1,67 @@
+"""torchvision: the ViT's ``conv_proj`` and ``EncoderBlock``, matched by exact class (torchvision is
+never imported here)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
+from ..modules._fused import Fused
+from ..modules.mlp import activation_name
+from ..modules.patch_embed import PatchConv2d, patch_conv_reason
+from .pytorch import is_layer_norm
+from .rules import Rule, head_dim_reason, is_exactly, location
+
+_VIT = "torchvision.models.vision_transformer"
+_LINEAR, _DROPOUT = location(nn.Linear), location(nn.Dropout)
+_OUT_PROJ = (_LINEAR, location(nn.modules.linear.NonDynamicallyQuantizableLinear))
+
+
+def block_reason(block: nn.Module) -> str | None:
+    """Why a torchvision ``EncoderBlock`` cannot run fused (each submodule must be the exact class
+    torchvision puts there)."""
+    attn, mlp = block.self_attention, block.mlp
+    if type(attn) is not nn.MultiheadAttention or not is_exactly(attn.out_proj, *_OUT_PROJ):
+        return f"self_attention is a {type(attn).__name__}, not nn.MultiheadAttention"
+    if not attn._qkv_same_embed_dim or not attn.batch_first:
+        return "self_attention is not a batch-first packed nn.MultiheadAttention"
+    if attn.bias_k is not None or attn.add_zero_attn:
+        return "self_attention uses add_bias_kv or add_zero_attn"
+    if not (is_layer_norm(block.ln_1) and is_layer_norm(block.ln_2)):
+        return "ln_1/ln_2 are not nn.LayerNorm over the last dimension"
+    if not (is_exactly(mlp, (_VIT, "MLPBlock")) and len(mlp) == 5 and activation_name(mlp[1]) is not None
+            and all(is_exactly(mlp[i], _LINEAR) for i in (0, 3))
+            and all(is_exactly(m, _DROPOUT) for m in (mlp[2], mlp[4], block.dropout))):
+        return "mlp is not Linear/activation/Dropout/Linear/Dropout"
+    return head_dim_reason(attn.embed_dim, attn.num_heads)
+
+
+class TorchvisionEncoderBlockForward(Fused):
+    """torchvision ``EncoderBlock`` (pre-norm: ``ln_1``, ``self_attention``, ``ln_2``, ``mlp``) fused."""
+
+    def _vitfast_unsupported(self) -> str | None:
+        return block_reason(self)
+
+    def _vitfast_declines(self, input: Tensor) -> bool:
+        mlp, attn = self.mlp, self.self_attention
+        return self.training and any(p > 0 for p in (self.dropout.p, attn.dropout, mlp[2].p, mlp[4].p))
+
+    def _weights(self) -> BlockWeights:
+        m = self._modules
+        attn, mlp = m["self_attention"], list(m["mlp"]._modules.values())
+        (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(x) for x in (
+            attn._modules["out_proj"], mlp[0], mlp[3]))
+        return BlockWeights(
+            num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
+            proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(m["ln_1"]), norm2=norm_params(m["ln_2"]),
+            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b, activation=activation_name(mlp[1]),
+        )
+
+    def _fused_forward(self, input: Tensor) -> Tensor:
+        return pre_norm_block(input, self._weights())
+
+
+RULES = [
+    # The ViT's _process_input reshapes conv_proj's output to tokens, which PatchConv2d's view allows.
+    Rule((location(nn.Conv2d),), patch_conv_reason, PatchConv2d, parent=((_VIT, "VisionTransformer"), "conv_proj")),
+    Rule(((_VIT, "EncoderBlock"),), block_reason, TorchvisionEncoderBlockForward),
+]

@@ -1,0 +1,237 @@
+"""What every fused stand-in shares.
+
+A stand-in is a subclass of the class it replaces (``_vitfast_original``), so ``isinstance`` checks,
+the class's other methods (timm's ``forward_intermediates``, Hugging Face's checkpointing flags) and
+hooks on the module itself keep working. Its forward runs vitfast's fused path only when that is
+exact for this call, and otherwise runs the original class's forward on the same module:
+
+* a submodule the fused path bypasses carries hooks, has its ``forward`` replaced on the instance, or
+  is no longer of a class vitfast knows (a LoRA wrapper, a parametrization): one warning per cause;
+* the call asks for something the fused path does not compute (dropout while training, a mask,
+  attention weights): quietly, as documented;
+* ``torch.fx`` is tracing: ``symbolic_trace``'s plain tracer records the stand-in as one
+  ``call_module`` (the fused path runs when the graph runs), as it records a ``torch.nn`` module;
+  other tracers (feature extraction, Hugging Face's) trace the original forward, so they see the
+  structure they would have seen before ``optimize``.
+
+``torch.jit.script`` is handed an unfused copy (``__prepare_scriptable__``): PyTorch's own modules,
+sharing the parameters. Stand-in classes made for third-party classes are named so that pickle finds
+them again in a fresh process (``__getattr__`` below).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from .. import runtime
+from ..ops._trace import first_proxy
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_mixins: dict[str, type] = {}
+_made: dict[str, type] = {}
+
+
+def _no_hooks(state: dict, honours: Callable[[Callable], bool]) -> bool:
+    """No hook, but those ``honours`` accepts, on the module whose ``__dict__`` is ``state``."""
+    for name in _HOOKS:
+        hooks = state.get(name)
+        if hooks and not all(honours(h) for h in hooks.values()):
+            return False
+    return True
+
+
+def _global_hooks() -> bool:
+    return any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
+
+
+def bypass_reason(module: nn.Module, children: tuple[str, ...]) -> str | None:
+    """Why the fused path may not skip the ``children`` of ``module`` (and all below them), or None."""
+    if children and _global_hooks():
+        return "global module hooks are registered"
+    stack = [(name, module._modules.get(name)) for name in children]
+    while stack:
+        path, m = stack.pop()
+        if m is None:
+            continue
+        state = m.__dict__
+        if "forward" in state:
+            return f"{path}.forward is replaced on the instance"
+        if not _no_hooks(state, module._vitfast_honours):
+            return f"hooks are registered on {path}"
+        stack.extend((f"{path}.{k}", c) for k, c in state["_modules"].items())
+    return None
+
+
+class Plan:
+    """The bypassed submodules as they were when a stand-in last checked them in full: the objects,
+    their classes and their children. While all of that holds and no hook is registered, the fused
+    path stays valid without re-running the class checks (a few µs per call instead of tens)."""
+
+    def __init__(self, module: nn.Module, children: tuple[str, ...]):
+        entries, stack = [], [module._modules.get(name) for name in children]
+        while stack:
+            m = stack.pop()
+            if m is not None:
+                entries.append((m, type(m), tuple(m._modules.values())))
+                stack.extend(m._modules.values())
+        self.roots = tuple(module._modules.get(name) for name in children)
+        self.entries = tuple(entries)
+
+    def holds(self, module: nn.Module, children: tuple[str, ...]) -> bool:
+        if children and _global_hooks():
+            return False
+        if tuple(module._modules.get(name) for name in children) != self.roots:
+            return False
+        for m, cls, kids in self.entries:
+            state = m.__dict__
+            if type(m) is not cls or "forward" in state or tuple(state["_modules"].values()) != kids:
+                return False
+            if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+                    or state["_backward_pre_hooks"]) and not _no_hooks(state, module._vitfast_honours):
+                return False
+        return True
+
+
+class Unfusable(Exception):
+    """Raised by a fused forward, before it launches anything, for inputs only the original takes."""
+
+
+class Fused:
+    """Base of every stand-in. A concrete class names ``_vitfast_original``; a mixin written for
+    third-party classes (no ``_vitfast_original`` of its own) is combined with one by ``stand_in``.
+
+    Subclasses define ``_fused_forward`` (the fused path, same signature as the original forward; it
+    raises ``Unfusable`` before its first launch for inputs it cannot take) and may override the two
+    questions below."""
+
+    _vitfast_original: type
+    _vitfast_bypasses: tuple[str, ...] | None = None  # children the fused path skips (None: all)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_vitfast_original" not in cls.__dict__:
+            if _mixins.setdefault(cls.__name__, cls) is not cls:
+                raise TypeError(f"two stand-in mixins are named {cls.__name__}")
+
+    def _vitfast_unsupported(self) -> str | None:
+        """Why this module's configuration (classes, attributes) cannot run fused now, or None."""
+        return None
+
+    def _vitfast_honours(self, hook: Callable) -> bool:
+        """True for a hook on a bypassed submodule that this stand-in honours itself (its declines
+        check, per call, whether the hook would do something); any other hook stops the fused path."""
+        return False
+
+    def _vitfast_declines(self, *args, **kwargs) -> bool:
+        """True when the call asks for what the fused path does not compute (runs the original quietly)."""
+        return False
+
+    def forward(self, *args, **kwargs):
+        proxy = first_proxy((*args, *kwargs.values()))
+        if proxy is not None:
+            return self._vitfast_trace(proxy.tracer, args, kwargs)
+        reason = self._vitfast_check()
+        if reason is None:
+            if self._vitfast_declines(*args, **kwargs):
+                return self._vitfast_fallback(*args, **kwargs)
+            try:
+                return self._fused_forward(*args, **kwargs)
+            except Unfusable as e:
+                reason = str(e)
+        name = type(self).__name__
+        runtime.warn_once(f"stand-in:{name}:{reason}",
+                          f"vitfast {name}: {reason}; running {self._vitfast_original.__name__}'s own forward")
+        return self._vitfast_fallback(*args, **kwargs)
+
+    def _vitfast_check(self) -> str | None:
+        """Why the fused path may not run now, whatever the inputs; None when it may."""
+        children = tuple(self._modules) if self._vitfast_bypasses is None else self._vitfast_bypasses
+        plan = self.__dict__.get("_vitfast_plan")
+        if plan is not None and plan.holds(self, children):
+            return None
+        reason = bypass_reason(self, children) or self._vitfast_unsupported()
+        self.__dict__["_vitfast_plan"] = None if reason is not None else Plan(self, children)
+        return reason
+
+    def _vitfast_fallback(self, *args, **kwargs):
+        """The original class's forward on this module (PyTorch's, timm's, Hugging Face's own code)."""
+        return self._vitfast_original.forward(self, *args, **kwargs)
+
+    def _vitfast_trace(self, tracer, args: tuple, kwargs: dict):
+        records = type(tracer) is torch.fx.Tracer or self._vitfast_original.__module__.startswith("torch.nn")
+        if records and tracer.root is not self:
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        return self._vitfast_fallback(*args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        return unfused_copy(self)
+
+
+class UnfusedForScripting:
+    """Set as ``__prepare_scriptable__`` on the modules above stand-ins, so that ``torch.jit.script``
+    (which replaces children in place with what their ``__prepare_scriptable__`` returns) works on an
+    unfused copy and leaves the user's model as it is."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        return unfused_copy(self.module)
+
+
+def unfused_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree in which every stand-in is its original class again. Parameters
+    and buffers are shared, not copied; only the module objects and their containers are new."""
+    memo: dict[int, nn.Module] = {}
+
+    def copy(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        cls = getattr(type(m), "_vitfast_original", type(m))
+        new = cls.__new__(cls)
+        memo[id(m)] = new
+        for key, value in m.__dict__.items():
+            if key == "__prepare_scriptable__" or key.startswith(("vitfast", "_vitfast")):
+                continue
+            if key == "_modules":
+                value = {k: None if c is None else copy(c) for k, c in value.items()}
+            elif isinstance(value, (dict, set, list)):
+                value = type(value)(value)
+            new.__dict__[key] = value
+        return new
+
+    return copy(module)
+
+
+def _class_key(original: type, mixin: type) -> str:
+    # pickle looks a class up by splitting its qualname on "."; module paths hold no ":" or "/".
+    return "/".join((mixin.__name__, original.__module__.replace(".", ":"), original.__qualname__.replace(".", ":")))
+
+
+def stand_in(original: type, mixin: type) -> type:
+    """The stand-in class for ``original``: ``mixin``'s fused forward over ``original``'s everything else."""
+    key = _class_key(original, mixin)
+    cls = _made.get(key)
+    if cls is None:
+        cls = type(f"Fast{original.__name__}", (mixin, original),
+                   {"__module__": __name__, "__qualname__": key, "_vitfast_original": original})
+        _made[key] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a stand-in class by its key (unpickling in a process that has not converted a model)."""
+    parts = name.split("/")
+    if len(parts) != 3:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module("vitfast.convert")  # defines every mixin
+    mixin_name, module_name, qualname = (p.replace(":", ".") for p in parts)
+    original = functools.reduce(getattr, qualname.split("."), importlib.import_module(module_name))
+    return stand_in(original, _mixins[mixin_name])
