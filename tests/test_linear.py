@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 from vitfast import runtime
 from vitfast.modules.mlp import Mlp, activation_name
 from vitfast.ops.linear import linear, mlp
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, HOOKS, assert_parity, layouts, require_triton_path
 
 ACT = {None: lambda t: t, "none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
        "relu": F.relu}
@@ -186,6 +186,22 @@ def test_mlp_module_falls_back_for_what_it_cannot_fuse(kwargs, reason):
     with torch.no_grad():
         torch.testing.assert_close(out, ref(x))
     assert not counts
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_mlp_module_honours_hooks_on_its_layers(hook):
+    ref, ours = TimmMlp(32, 64).to(DEVICE).eval(), Mlp(32, 64).to(DEVICE).eval()
+    ours.load_state_dict(ref.state_dict())
+    calls = []
+    for m in (ref, ours):
+        HOOKS[hook](m.fc2, calls)
+    x = _randn(2, 5, 32)
+    runtime._warned.discard("Mlp:hooks are registered on fc2")
+    with torch.no_grad(), runtime.count_launches() as counts, pytest.warns(RuntimeWarning, match="hooks"):
+        out = ours(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x))
+    assert not counts and len(calls) == 2
 
 
 def test_activation_name():

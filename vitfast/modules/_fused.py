@@ -51,8 +51,14 @@ def _global_hooks() -> bool:
     return any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
 
 
-def bypass_reason(module: nn.Module, children: tuple[str, ...]) -> str | None:
-    """Why the fused path may not skip the ``children`` of ``module`` (and all below them), or None."""
+def _honours_none(hook: Callable) -> bool:
+    return False
+
+
+def bypass_reason(module: nn.Module, children: tuple[str, ...],
+                  honours: Callable[[Callable], bool] = _honours_none) -> str | None:
+    """Why a fused path may not skip the ``children`` of ``module`` (and all below them), or None:
+    hooks on them (but those ``honours`` accepts), or a ``forward`` replaced on an instance."""
     if children and _global_hooks():
         return "global module hooks are registered"
     stack = [(name, module._modules.get(name)) for name in children]
@@ -63,7 +69,7 @@ def bypass_reason(module: nn.Module, children: tuple[str, ...]) -> str | None:
         state = m.__dict__
         if "forward" in state:
             return f"{path}.forward is replaced on the instance"
-        if not _no_hooks(state, module._vitfast_honours):
+        if not _no_hooks(state, honours):
             return f"hooks are registered on {path}"
         stack.extend((f"{path}.{k}", c) for k, c in state["_modules"].items())
     return None
@@ -156,7 +162,7 @@ class Fused:
         plan = self.__dict__.get("_vitfast_plan")
         if plan is not None and plan.holds(self, children):
             return None
-        reason = bypass_reason(self, children) or self._vitfast_unsupported()
+        reason = bypass_reason(self, children, self._vitfast_honours) or self._vitfast_unsupported()
         self.__dict__["_vitfast_plan"] = None if reason is not None else Plan(self, children)
         return reason
 

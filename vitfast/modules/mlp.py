@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import runtime
 from ..ops.linear import mlp
+from ._fused import bypass_reason
 from ._share import share_as
 
 # timm's and Hugging Face's activation modules, matched by class name so neither need be installed.
@@ -100,6 +101,9 @@ class Mlp(nn.Module):
             return f"norm_layer {type(self.norm).__name__}"
         if self.training and (self.drop1.p > 0 or self.drop2.p > 0):
             return "dropout while training"
+        bypassed = bypass_reason(self, tuple(self._modules))
+        if bypassed is not None:
+            return bypassed
         # Exact type: a Linear subclass (LoRA, quantised) may compute something else.
         if not (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear):
             return f"layers {type(self.fc1).__name__}/{type(self.fc2).__name__}"
