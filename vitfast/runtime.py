@@ -95,8 +95,9 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 
 def warn_once(key: str, message: str) -> None:
-    """One warning per configuration, never one per call."""
-    if key not in _warned:
+    """One warning per configuration, never one per call. Not while torch.compile traces (dynamo
+    cannot trace ``warnings.warn``, and fullgraph would fail): the next eager call warns instead."""
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
