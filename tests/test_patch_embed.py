@@ -43,6 +43,23 @@ def _check(args, **kwargs):
     return out
 
 
+@pytest.mark.parametrize("cls", [False, True])
+def test_patch_embed_channels_first_layout(cls):
+    """channels_first stores the tokens as a Conv2d stores its output; values and gradients unchanged."""
+    require_triton_path()
+    args = _inputs(3, 3, (16, 24), 8, 40, torch.float32, cls=cls, pos_rows="n+1" if cls else None)
+    leaves = {k: None if v is None else v.detach().requires_grad_() for k, v in args.items()}
+    out = _check(leaves, channels_first=True)
+    assert out.transpose(1, 2).is_contiguous()
+    expected = patch_embed(**args)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [leaves["images"], leaves["weight"]], grad)
+    want = torch.autograd.grad(patch_embed(**leaves), [leaves["images"], leaves["weight"]], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 CASES = {
     # batch, channels, (H, W), P, D, CLS, position rows, layout
     "b3-c3-32x32-p8-cls-pos": (3, 3, (32, 32), 8, 96, True, "n+1", "nchw"),

@@ -17,28 +17,31 @@ from ._validate import check_float, check_same_device, check_same_dtype, check_s
 @torch.library.custom_op("vitfast::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
     images: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
-    cls_pos: Optional[Tensor], pos: Optional[Tensor],
+    cls_pos: Optional[Tensor], pos: Optional[Tensor], channels_first: bool = False,
 ) -> Tensor:
     from ..kernels.patch_embed import patch_embed_fwd
 
     B, _, H, W = images.shape
     D, P = weight.shape[0], weight.shape[-1]
-    prefix = int(cls_token is not None)
-    out = runtime.empty(B, prefix + (H // P) * (W // P), D, dtype=images.dtype, device=images.device)
+    T = int(cls_token is not None) + (H // P) * (W // P)
+    # The kernel stores through the output's strides: channel-major is the same launch.
+    out = (runtime.empty(B, D, T, dtype=images.dtype, device=images.device).transpose(1, 2) if channels_first
+           else runtime.empty(B, T, D, dtype=images.dtype, device=images.device))
     with runtime.launching(images.device):
         patch_embed_fwd(images, weight, bias, cls_token, cls_pos, pos, out)
     return out
 
 
 @_patch_embed_fwd.register_fake
-def _(images, weight, bias, cls_token, cls_pos, pos):
+def _(images, weight, bias, cls_token, cls_pos, pos, channels_first=False):
     B, _, H, W = images.shape
     D, P = weight.shape[0], weight.shape[-1]
-    return images.new_empty(B, int(cls_token is not None) + (H // P) * (W // P), D)
+    T = int(cls_token is not None) + (H // P) * (W // P)
+    return images.new_empty(B, D, T).transpose(1, 2) if channels_first else images.new_empty(B, T, D)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    images, weight, bias, cls_token, cls_pos, pos = inputs
+    images, weight, bias, cls_token, cls_pos, pos, _ = inputs
     ctx.save_for_backward(images, weight)
     ctx.prefix = int(cls_token is not None)
     ctx.dtypes = [None if t is None else t.dtype for t in (bias, cls_token, cls_pos, pos)]
@@ -58,7 +61,7 @@ def _backward(ctx, dtokens: Tensor):
         patches, cls_row = per_row[ctx.prefix:], per_row[0]
         for i, grad in enumerate((patches.sum(0), cls_row, cls_row, patches)):
             rest[i] = grad.to(ctx.dtypes[i]) if need_rest[i] else None
-    return dimages if need_images else None, dweight if need_weight else None, *rest
+    return dimages if need_images else None, dweight if need_weight else None, *rest, None
 
 
 torch.library.register_autograd("vitfast::patch_embed_fwd", _backward, setup_context=_setup_context)
@@ -196,6 +199,7 @@ def patch_embed(
     *,
     resample_pos_embed: bool = False,
     pos_grid: tuple[int, int] | None = None,
+    channels_first: bool = False,
 ) -> Tensor:
     """ViT patch embedding: ``cat([cls, conv(images).flatten(2).transpose(1, 2)]) + pos`` in one pass.
 
@@ -214,6 +218,10 @@ def patch_embed(
     A table for another grid (by default taken to be square, like timm; name it with ``pos_grid``)
     raises ``ValueError`` naming both grids, unless ``resample_pos_embed=True``: then the grid part is
     resampled bicubically as timm's ``resample_abs_pos_embed`` does and the class row kept.
+
+    ``channels_first=True`` stores the same tokens channel-major, as a Conv2d stores its output: the
+    result is the transpose of a contiguous [B, D, N] (or [B, D, 1 + N]), so ``out.transpose(1, 2)``
+    viewed as [B, D, H/P, W/P] is the convolution's contiguous NCHW output, with no copy.
 
     Runs one Triton launch; its backward runs the weight and image gradients as Triton GEMMs (each
     only when needed) and reduces bias, class and position gradients with torch. Every parameter is
@@ -249,5 +257,6 @@ def patch_embed(
 
     if kernel_path("patch_embed", images, bias, cls_vec, cls_pos, pos):
         runtime.record_launch("patch_embed")
-        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos)
-    return _fallback(images, weight, bias, cls_vec, cls_pos, pos)
+        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos, channels_first)
+    out = _fallback(images, weight, bias, cls_vec, cls_pos, pos)
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_first else out
