@@ -57,9 +57,9 @@ def _randomize(model):
 
 FAMILIES = {
     "reference": (reference_vit, {"FastVisionTransformer": 1, "FastTransformerEncoderLayer": DEPTH}),
-    "timm": (timm_vit, {"FastPatchEmbed": 1, "FastBlock": DEPTH}),
-    "torchvision": (torchvision_vit, {"PatchConv2d": 1, "FastEncoderBlock": DEPTH}),
-    "huggingface": (hf_vit, {"FastViTEmbeddings": 1, "FastViTLayer": DEPTH}),
+    "timm": (timm_vit, {"FusedTimmPatchEmbed": 1, "FusedTimmBlock": DEPTH}),
+    "torchvision": (torchvision_vit, {"PatchConv2d": 1, "FusedTorchvisionEncoderBlock": DEPTH}),
+    "huggingface": (hf_vit, {"FusedHFViTEmbeddings": 1, "FusedHFViTLayer": DEPTH}),
 }
 
 
@@ -108,7 +108,7 @@ def test_optimize_state_dict_round_trip_and_inplace():
 
 def test_optimize_timm_layer_scale_and_no_class_token():
     build = lambda: timm_vit(init_values=0.3, class_token=False, global_pool="avg", no_embed_class=True)  # noqa: E731
-    _check_family(build, {"FastBlock": DEPTH}, torch.float32)
+    _check_family(build, {"FusedTimmBlock": DEPTH}, torch.float32)
 
 
 def test_optimize_generic_encoder_in_a_user_model():

@@ -234,7 +234,7 @@ def test_torch_export_holds_the_fused_ops(family):
         _three_way(model, exported.module(), _logits, x)
 
 
-@pytest.mark.parametrize("family", ["timm", "torchvision"])
+@pytest.mark.parametrize("family", ["reference", "timm", "torchvision"])
 def test_torch_fx(family):
     """The plain tracer records each stand-in as one call (fused when the graph runs); a feature
     extractor's tracer sees the structure it saw before optimize, so inner nodes stay addressable."""
@@ -246,7 +246,7 @@ def test_torch_fx(family):
     with torch.no_grad(), runtime.count_launches() as launches:
         _three_way(model, graph, _logits, x)
     assert launches.get("attention") == DEPTH, launches
-    inner = {"timm": "blocks.1.attn.proj", "torchvision": "encoder.layers.encoder_layer_1.mlp"}[family]
+    inner = {"reference": "encoder", "timm": "blocks.1.attn.proj", "torchvision": "encoder.layers.encoder_layer_1.mlp"}[family]
     with torch.no_grad():
         _three_way(model, fast, lambda m, x: create_feature_extractor(m, {inner: "f"})(x)["f"], x)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 import vitfast
 from vitfast import runtime
+from vitfast.convert.timm import FusedTimmBlock
 from helpers import DEVICE, assert_parity
 from test_optimize import DEPTH, HEADS, IMG, PATCH, WIDTH, _randomize, timm_vit
 
@@ -57,7 +58,7 @@ def _three_way(model, x):
 def test_timm_lookalike_blocks_are_left_alone_and_run(name):
     fast, launches = _three_way(_timm(name), torch.randn(2, 3, IMG, IMG, device=DEVICE))
     assert "attention" not in launches, "no block of these models is the plain timm Block the kernels compute"
-    assert not any(type(m).__name__ == "FastBlock" for m in fast.modules())
+    assert not any(isinstance(m, FusedTimmBlock) for m in fast.modules())
 
 
 def test_timm_block_with_other_attention_is_reported():

@@ -20,6 +20,7 @@ import copy
 
 from torch import nn
 
+from ..modules import _fused
 from ..modules._fused import Fused, UnfusedForScripting
 from . import huggingface, pytorch, timm, torchvision
 from .report import Entry, Report
@@ -37,12 +38,16 @@ def _name(cls: type) -> str:
 def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, report: Report) -> bool:
     """Convert ``module`` and everything below it; True when a stand-in now sits at or below it."""
     rule = next((r for r in RULES if r.matches(module, parent, name)), None)
-    if rule is not None:
+    if isinstance(module, Fused):  # swapped by an earlier optimize, or built as vitfast's: left as it is
+        cls = type(module)
+        made = cls.__module__ == _fused.__name__  # by stand_in(): its first base is vitfast's class
+        report.swapped.append(Entry(path, _name(cls._vitfast_original), (cls.__bases__[0] if made else cls).__name__))
+    elif rule is not None:
         reason = rule.reason(module)
         if reason is None:
             kind = _name(type(module))
             rule.swap(module)
-            report.swapped.append(Entry(path, kind, type(module).__name__))
+            report.swapped.append(Entry(path, kind, rule.stand_in.__name__))
         else:
             report.skipped.append(Entry(path, _name(type(module)), reason))
     below = False

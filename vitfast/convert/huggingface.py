@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 
 import torch
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, linear_params, norm_params, pre_norm_block
+from ..modules._block import BlockWeights, drops, linear_params, norm_params, pre_norm_block
 from ..modules._fused import Fused, Unfusable
 from ..modules.mlp import activation_name
 from ..modules.patch_embed import patch_conv_reason
@@ -35,14 +36,14 @@ def _parts(layer: nn.Module) -> dict | None:
             return None
         return dict(q=am["q_proj"], k=am["k_proj"], v=am["v_proj"], o=am["o_proj"], fc1=mlp._modules["fc1"],
                     fc2=mlp._modules["fc2"], act=mlp.activation_fn, heads=a.num_attention_heads, head_dim=a.head_dim,
-                    scale=a.scaling, attn_drop=a.attention_dropout, drops=(m["dropout"],))
+                    scale=a.scaling, attn=a, attn_drop=a.attention_dropout, drops=(m["dropout"],))
     s, out, inter, output = am.get("attention"), am.get("output"), m.get("intermediate"), m.get("output")
     if not (is_exactly(s, *_V4_SELF_ATTENTION) and is_exactly(out, (_VIT, "ViTSelfOutput"))
             and is_exactly(inter, (_VIT, "ViTIntermediate")) and is_exactly(output, (_VIT, "ViTOutput"))):
         return None
     return dict(q=s.query, k=s.key, v=s.value, o=out.dense, fc1=inter.dense, fc2=output.dense,
                 act=inter.intermediate_act_fn, heads=s.num_attention_heads, head_dim=s.attention_head_size,
-                scale=1.0 / math.sqrt(s.attention_head_size), attn_drop=getattr(s.dropout, "p", s.dropout),
+                scale=1.0 / math.sqrt(s.attention_head_size), attn=s, attn_drop=getattr(s.dropout, "p", s.dropout),
                 drops=(out.dropout, output.dropout))
 
 
@@ -82,13 +83,26 @@ def _mask_and_rest(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[object,
     return mask, [*args[1:], *rest.values()]
 
 
+def _custom_attention(attn: nn.Module) -> str | None:
+    """The name of a non-transformers attention function the layer would call (one registered with
+    ``AttentionInterface``), or None when it calls one of transformers' own, which compute softmax
+    attention as the kernel does."""
+    config = getattr(attn, "config", None)  # transformers 4's layers choose by class, checked already
+    if config is None:
+        return None
+    module = sys.modules[type(attn).__module__]
+    name = config._attn_implementation
+    fn = module.ALL_ATTENTION_FUNCTIONS.get_interface(name, module.eager_attention_forward)
+    return None if getattr(fn, "__module__", "").startswith("transformers.") else str(name)
+
+
 def _kernel_mask(mask: Tensor | None) -> Tensor | None:
     """transformers' 4-D mask in the kernel's convention: a bool mask there is True where attention is
     allowed (SDPA's), here True where it is not; an additive float mask means the same in both."""
     return mask.logical_not() if mask is not None and mask.dtype == torch.bool else mask
 
 
-class HFViTLayerForward(Fused):
+class FusedHFViTLayer(Fused):
     """Hugging Face ``ViTLayer`` (pre-norm) as one fused block. q, k and v are concatenated into one
     QKV weight on each call: a copy of 3·D² weights, small next to the block's GEMMs over every token,
     and never stale (no cache key sees writes made through ``.data``)."""
@@ -108,10 +122,8 @@ class HFViTLayerForward(Fused):
             return True
         if mask is not None and not (isinstance(mask, Tensor) and mask.dim() == 4):
             return True
-        if not self.training:
-            return False
         parts = _parts(self)
-        return parts["attn_drop"] > 0 or any(d.p > 0 for d in parts["drops"])
+        return drops((parts["attn"], parts["attn_drop"]), *((d, d.p) for d in parts["drops"]))
 
     def _weights(self) -> BlockWeights:
         p = _parts(self)
@@ -126,6 +138,9 @@ class HFViTLayerForward(Fused):
         )
 
     def _fused_forward(self, hidden_states: Tensor, *args, **kwargs):
+        custom = _custom_attention(self.attention)
+        if custom is not None:
+            raise Unfusable(f"attention implementation {custom!r} is not transformers' own")
         mask, _ = _mask_and_rest(self, args, kwargs)
         out = pre_norm_block(hidden_states, self._weights(), attn_mask=_kernel_mask(mask))
         # transformers 4's layers return (hidden_states, ...); 5's return the tensor.
@@ -144,7 +159,7 @@ def embeddings_reason(emb: nn.Module) -> str | None:
     return None if is_exactly(emb.dropout, _DROPOUT) else "dropout is not nn.Dropout"
 
 
-class HFViTEmbeddingsForward(Fused):
+class FusedHFViTEmbeddings(Fused):
     """Hugging Face ``ViTEmbeddings``: patch projection, CLS token and position embedding in one launch."""
 
     _vitfast_bypasses = ("patch_embeddings", "dropout")
@@ -154,7 +169,7 @@ class HFViTEmbeddingsForward(Fused):
 
     def _vitfast_declines(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                           interpolate_pos_encoding: bool | None = False) -> bool:
-        return bool_masked_pos is not None or bool(interpolate_pos_encoding) or (self.training and self.dropout.p > 0)
+        return bool_masked_pos is not None or bool(interpolate_pos_encoding) or drops((self.dropout, self.dropout.p))
 
     def _fused_forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         shape, channels = tuple(pixel_values.shape), self.patch_embeddings.num_channels
@@ -190,6 +205,6 @@ def _recording(layer: nn.Module) -> bool:
 
 
 RULES = [
-    Rule(((_VIT, "ViTEmbeddings"),), embeddings_reason, HFViTEmbeddingsForward),
-    Rule(((_VIT, "ViTLayer"),), layer_reason, HFViTLayerForward),
+    Rule(((_VIT, "ViTEmbeddings"),), embeddings_reason, FusedHFViTEmbeddings),
+    Rule(((_VIT, "ViTLayer"),), layer_reason, FusedHFViTLayer),
 ]

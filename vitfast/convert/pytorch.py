@@ -5,7 +5,8 @@ from torch import nn
 
 from .. import reference
 from ..modules.encoder import FastTransformerEncoder, FastTransformerEncoderLayer, unsupported_reason
-from ..modules.layer_norm import LayerNorm, LayerNormForward
+from ..modules._fused import original_class
+from ..modules.layer_norm import FusedLayerNorm, LayerNorm
 from ..modules.patch_embed import PatchEmbedding
 from ..modules.vit import FastVisionTransformer
 from .rules import Location, Rule, head_dim_reason, location
@@ -16,14 +17,13 @@ def _encoder_layer_reason(layer: nn.TransformerEncoderLayer) -> str | None:
 
 
 # A stand-in's own per-call check doubles as the conversion check: it only reads attributes.
-layer_norm_reason = LayerNormForward._vitfast_unsupported
+layer_norm_reason = FusedLayerNorm._vitfast_unsupported
 
 
 def is_layer_norm(m: nn.Module, *classes: Location) -> bool:
     """Whether ``m`` is a LayerNorm over the last dimension of one of ``classes`` (nn.LayerNorm when
     none are named) or vitfast's stand-in for one."""
-    cls = type(m)._vitfast_original if isinstance(m, LayerNormForward) else type(m)
-    return location(cls) in (classes or (location(nn.LayerNorm),)) and layer_norm_reason(m) is None
+    return location(original_class(m)) in (classes or (location(nn.LayerNorm),)) and layer_norm_reason(m) is None
 
 RULES = [
     Rule((location(reference.VisionTransformer),), FastVisionTransformer._vitfast_unsupported, FastVisionTransformer),

@@ -3,7 +3,8 @@
 A rule matches a module by its exact class, named by where it is defined (so timm, torchvision and
 transformers need not be installed, nor imported, to be recognised), never by its name alone: a
 subclass or a look-alike may compute something else. The swap changes the object's class in place, to
-a subclass of the class it had, so the object keeps its identity, parameters, hooks and methods.
+a subclass of the class it had (under the same name), so the object keeps its identity, parameters,
+hooks and methods.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def is_exactly(m: object, *locations: Location) -> bool:
 class Rule:
     classes: tuple[Location, ...]  # the exact classes this rule converts
     reason: Callable[[nn.Module], "str | None"]  # why a matched module cannot be fused, or None
-    stand_in: type  # a concrete stand-in class, or a mixin made into one per original class
+    stand_in: type  # vitfast's class that computes the fused forward (combined with the original class)
     parent: tuple[Location, str] | None = None  # (parent's class, attribute name) the module must sit at
 
     def matches(self, module: nn.Module, parent: nn.Module | None, name: str) -> bool:
@@ -40,8 +41,7 @@ class Rule:
                                        and name == self.parent[1])
 
     def swap(self, module: nn.Module) -> nn.Module:
-        concrete = "_vitfast_original" in self.stand_in.__dict__
-        module.__class__ = self.stand_in if concrete else stand_in(type(module), self.stand_in)
+        module.__class__ = stand_in(type(module), self.stand_in)
         return module
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
 from ..modules._fused import Fused, Unfusable
-from ..modules.layer_norm import LayerNormForward
+from ..modules.layer_norm import FusedLayerNorm
 from ..modules.mlp import activation_name
 from ..modules.patch_embed import patch_conv_reason
 from ..ops.patch_embed import patch_embed
@@ -29,7 +29,9 @@ def _identity_or(m: nn.Module | None, *locations) -> bool:
 
 
 def _drop_p(m: nn.Module) -> float:
-    return float(getattr(m, "p", getattr(m, "drop_prob", 0.0)))
+    """A Dropout's p, a DropPath's drop_prob, 0 for an Identity."""
+    state = m.__dict__
+    return float(state.get("p", state.get("drop_prob", 0.0)))
 
 
 def block_reason(block: nn.Module) -> str | None:
@@ -67,17 +69,19 @@ def _gamma(ls: nn.Module) -> Tensor | None:
     return None if isinstance(ls, nn.Identity) else param(ls, "gamma")
 
 
-class TimmBlockForward(Fused):
+class FusedTimmBlock(Fused):
     """timm ``Block`` (pre-norm) as one fused block; LayerScale is applied in the GEMM epilogues."""
 
     def _vitfast_unsupported(self) -> str | None:
         return block_reason(self)
 
     def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
-        dropping = self.training and any(_drop_p(m) > 0 for m in (
-            self.attn.attn_drop, self.attn.proj_drop, self.mlp.drop1, self.mlp.drop2, self.drop_path1,
-            self.drop_path2))
-        return attn_mask is not None or bool(is_causal) or dropping
+        m = self._modules
+        attn, a, mlp = m["attn"], m["attn"]._modules, m["mlp"]._modules
+        sites = (a["attn_drop"], a["proj_drop"], mlp["drop1"], mlp["drop2"], m["drop_path1"], m["drop_path2"])
+        # timm's SDPA path drops attention weights by the attention module's own training flag.
+        return attn_mask is not None or bool(is_causal) or drops(
+            (attn, _drop_p(a["attn_drop"])), *((d, _drop_p(d)) for d in sites))
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -112,7 +116,7 @@ def patch_embed_reason(pe: nn.Module) -> str | None:
     return None
 
 
-class TimmPatchEmbedForward(Fused):
+class FusedTimmPatchEmbed(Fused):
     """timm ``PatchEmbed`` (kernel = stride Conv2d, flattened to [B, N, D] tokens, no norm) in one launch."""
 
     def _vitfast_unsupported(self) -> str | None:
@@ -128,7 +132,7 @@ class TimmPatchEmbedForward(Fused):
 
 
 RULES = [
-    Rule((PATCH_EMBED,), patch_embed_reason, TimmPatchEmbedForward),
-    Rule((BLOCK,), block_reason, TimmBlockForward),
-    Rule((LAYER_NORM,), layer_norm_reason, LayerNormForward),
+    Rule((PATCH_EMBED,), patch_embed_reason, FusedTimmPatchEmbed),
+    Rule((BLOCK,), block_reason, FusedTimmBlock),
+    Rule((LAYER_NORM,), layer_norm_reason, FusedLayerNorm),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
 from ..modules._fused import Fused
 from ..modules.mlp import activation_name
 from ..modules.patch_embed import PatchConv2d, patch_conv_reason
@@ -35,7 +35,7 @@ def block_reason(block: nn.Module) -> str | None:
     return head_dim_reason(attn.embed_dim, attn.num_heads)
 
 
-class TorchvisionEncoderBlockForward(Fused):
+class FusedTorchvisionEncoderBlock(Fused):
     """torchvision ``EncoderBlock`` (pre-norm: ``ln_1``, ``self_attention``, ``ln_2``, ``mlp``) fused."""
 
     def _vitfast_unsupported(self) -> str | None:
@@ -43,7 +43,7 @@ class TorchvisionEncoderBlockForward(Fused):
 
     def _vitfast_declines(self, input: Tensor) -> bool:
         mlp, attn = self.mlp, self.self_attention
-        return self.training and any(p > 0 for p in (self.dropout.p, attn.dropout, mlp[2].p, mlp[4].p))
+        return drops((attn, attn.dropout), *((d, d.p) for d in (self.dropout, mlp[2], mlp[4])))
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -63,5 +63,5 @@ class TorchvisionEncoderBlockForward(Fused):
 RULES = [
     # The ViT's _process_input reshapes conv_proj's output to tokens, which PatchConv2d's view allows.
     Rule((location(nn.Conv2d),), patch_conv_reason, PatchConv2d, parent=((_VIT, "VisionTransformer"), "conv_proj")),
-    Rule(((_VIT, "EncoderBlock"),), block_reason, TorchvisionEncoderBlockForward),
+    Rule(((_VIT, "EncoderBlock"),), block_reason, FusedTorchvisionEncoderBlock),
 ]

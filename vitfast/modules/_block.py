@@ -34,13 +34,20 @@ class BlockWeights:
     fc1_bias: Tensor | None
     fc2_weight: Tensor
     fc2_bias: Tensor | None
-    activation: str  # "gelu", "gelu_tanh" or "relu"
+    activation: str | None  # "gelu", "gelu_tanh" or "relu"; None (an activation the kernels lack) is refused
     scale: float | None = None  # attention scale; 1/sqrt(head_dim) when None
     proj_scale: Tensor | None = None  # [D] per-channel scale of the attention branch (timm's LayerScale ls1)
     fc2_scale: Tensor | None = None  # [D] per-channel scale of the MLP branch (ls2)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def drops(*sites: tuple[nn.Module, float]) -> bool:
+    """Whether any dropout site drops now. A site is (the module whose training flag decides, p): each
+    decides by its own flag, as in PyTorch and timm, so a model in eval() with its dropout modules
+    switched back to train() (Monte Carlo dropout) drops there too."""
+    return any(m.training and p > 0 for m, p in sites)
 
 
 def param(module: nn.Module, name: str) -> Tensor | None:
@@ -91,6 +98,8 @@ def block_input_reason(x: object, w: BlockWeights, key_padding_mask: Tensor | No
         return f"the input is not a [batch, tokens, width] tensor (shape {tuple(getattr(x, 'shape', ()))})"
     if x.dtype not in _KERNEL_DTYPES:
         return f"{x.dtype} input"
+    if w.activation is None:
+        return "the MLP's activation is not one the kernels fuse"
     width, inner, hidden = x.shape[-1], w.proj_weight.shape[-1], w.fc1_weight.shape[0]
     if w.proj_weight.dim() != 2 or w.fc1_weight.dim() != 2:
         return "proj or fc1 weight is not 2-D"

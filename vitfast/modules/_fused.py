@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 from typing import Callable
 
 import torch
@@ -55,10 +56,20 @@ def _honours_none(hook: Callable) -> bool:
     return False
 
 
+def _patched_forward(cls: type) -> bool:
+    """Whether the ``forward`` that ``cls`` runs was put on it by someone else (a monkeypatch): a
+    library's own forward is named ``<one of cls's classes>.forward`` and defined in that class's module."""
+    if issubclass(cls, Fused) or torch.compiler.is_compiling():  # dynamo misreads a function's names
+        return False
+    forward = cls.forward
+    name, module = getattr(forward, "__qualname__", None), getattr(forward, "__module__", None)
+    return not any(c.__qualname__ + ".forward" == name and c.__module__ == module for c in cls.__mro__)
+
+
 def bypass_reason(module: nn.Module, children: tuple[str, ...],
                   honours: Callable[[Callable], bool] = _honours_none) -> str | None:
     """Why a fused path may not skip the ``children`` of ``module`` (and all below them), or None:
-    hooks on them (but those ``honours`` accepts), or a ``forward`` replaced on an instance."""
+    hooks on them (but those ``honours`` accepts), or a ``forward`` replaced on an instance or a class."""
     if children and _global_hooks():
         return "global module hooks are registered"
     stack = [(name, module._modules.get(name)) for name in children]
@@ -67,37 +78,57 @@ def bypass_reason(module: nn.Module, children: tuple[str, ...],
         if m is None:
             continue
         state = m.__dict__
-        if "forward" in state:
-            return f"{path}.forward is replaced on the instance"
+        if "forward" in state or _patched_forward(type(m)):
+            return f"{path}.forward is replaced"
         if not _no_hooks(state, honours):
             return f"hooks are registered on {path}"
         stack.extend((f"{path}.{k}", c) for k, c in state["_modules"].items())
     return None
 
 
+def _same_objects(now, then: tuple) -> bool:
+    """The same objects, in the same order (identity: a tensor's ``==`` compares its elements)."""
+    return len(now) == len(then) and all(map(operator.is_, now, then))
+
+
 class Plan:
-    """The bypassed submodules as they were when a stand-in last checked them in full: the objects,
-    their classes and their children. While all of that holds and no hook is registered, the fused
-    path stays valid without re-running the class checks (a few µs per call instead of tens)."""
+    """A stand-in and its bypassed submodules as they were when the stand-in last checked them in
+    full: every object, its class and forward, its children and parameters, and the attribute values
+    of the stand-in and of the modules that hold others (the leaves' settings, a dropout's p, an eps,
+    an activation's kind, are read on every call anyway). While all of that holds and no hook is
+    registered, the fused path stays valid without re-running the checks; any change (an attribute
+    set, a submodule or parameter replaced) re-runs them once."""
 
     def __init__(self, module: nn.Module, children: tuple[str, ...]):
         entries, stack = [], [module._modules.get(name) for name in children]
         while stack:
             m = stack.pop()
             if m is not None:
-                entries.append((m, type(m), tuple(m._modules.values())))
-                stack.extend(m._modules.values())
+                kids = tuple(m._modules.values())
+                entries.append((m, type(m), type(m).forward, kids, tuple(m.__dict__.values()) if kids else None,
+                                tuple(m._parameters.values())))
+                stack.extend(kids)
         self.roots = tuple(module._modules.get(name) for name in children)
         self.entries = tuple(entries)
+        self.own: tuple = ()
+
+    def seal(self, module: nn.Module) -> None:
+        """Take the stand-in's own attributes, once the plan itself is one of them."""
+        self.own = tuple(module.__dict__.values())
 
     def holds(self, module: nn.Module, children: tuple[str, ...]) -> bool:
         if children and _global_hooks():
             return False
+        if not _same_objects(module.__dict__.values(), self.own):
+            return False
         if tuple(module._modules.get(name) for name in children) != self.roots:
             return False
-        for m, cls, kids in self.entries:
+        for m, cls, forward, kids, values, params in self.entries:
             state = m.__dict__
-            if type(m) is not cls or "forward" in state or tuple(state["_modules"].values()) != kids:
+            if (type(m) is not cls or cls.forward is not forward
+                    or (values is not None and not _same_objects(state.values(), values))
+                    or not _same_objects(state["_parameters"].values(), params)
+                    or tuple(state["_modules"].values()) != kids):
                 return False
             if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
                     or state["_backward_pre_hooks"]) and not _no_hooks(state, module._vitfast_honours):
@@ -110,8 +141,8 @@ class Unfusable(Exception):
 
 
 class Fused:
-    """Base of every stand-in. A concrete class names ``_vitfast_original``; a mixin written for
-    third-party classes (no ``_vitfast_original`` of its own) is combined with one by ``stand_in``.
+    """Base of every stand-in. A concrete class names ``_vitfast_original`` (vitfast's own drop-in
+    modules); ``stand_in`` combines a mixin, or a concrete class, with the exact class it replaces.
 
     Subclasses define ``_fused_forward`` (the fused path, same signature as the original forward; it
     raises ``Unfusable`` before its first launch for inputs it cannot take) and may override the two
@@ -121,10 +152,15 @@ class Fused:
     _vitfast_bypasses: tuple[str, ...] | None = None  # children the fused path skips (None: all)
 
     def __init_subclass__(cls, **kwargs):
+        original = cls.__dict__.get("_vitfast_original")
+        if original is not None:
+            # Before super(): transformers wraps each layer class's forward for gradient checkpointing.
+            cls.forward = _signed_as(original)
         super().__init_subclass__(**kwargs)
-        if "_vitfast_original" not in cls.__dict__:
+        # vitfast's own classes, by name, for pickle (not the per-original classes, nor user subclasses).
+        if cls.__module__.startswith("vitfast.") and cls.__module__ != __name__:
             if _mixins.setdefault(cls.__name__, cls) is not cls:
-                raise TypeError(f"two stand-in mixins are named {cls.__name__}")
+                raise TypeError(f"two vitfast stand-in classes are named {cls.__name__}")
 
     def _vitfast_unsupported(self) -> str | None:
         """Why this module's configuration (classes, attributes) cannot run fused now, or None."""
@@ -140,10 +176,11 @@ class Fused:
         return False
 
     def forward(self, *args, **kwargs):
+        """Every concrete stand-in's forward, under the original forward's signature (``_signed_as``)."""
         proxy = first_proxy((*args, *kwargs.values()))
         if proxy is not None:
             return self._vitfast_trace(proxy.tracer, args, kwargs)
-        reason = self._vitfast_check()
+        reason = "a torch.func transform is active" if _functorch_level() is not None else self._vitfast_check()
         if reason is None:
             if self._vitfast_declines(*args, **kwargs):
                 return self._vitfast_fallback(*args, **kwargs)
@@ -159,11 +196,15 @@ class Fused:
     def _vitfast_check(self) -> str | None:
         """Why the fused path may not run now, whatever the inputs; None when it may."""
         children = tuple(self._modules) if self._vitfast_bypasses is None else self._vitfast_bypasses
+        if torch.compiler.is_compiling():  # checked once while tracing; the compiler guards on what it read
+            return bypass_reason(self, children, self._vitfast_honours) or self._vitfast_unsupported()
         plan = self.__dict__.get("_vitfast_plan")
         if plan is not None and plan.holds(self, children):
             return None
         reason = bypass_reason(self, children, self._vitfast_honours) or self._vitfast_unsupported()
-        self.__dict__["_vitfast_plan"] = None if reason is not None else Plan(self, children)
+        plan = self.__dict__["_vitfast_plan"] = None if reason is not None else Plan(self, children)
+        if plan is not None:
+            plan.seal(self)
         return reason
 
     def _vitfast_fallback(self, *args, **kwargs):
@@ -178,6 +219,25 @@ class Fused:
 
     def __prepare_scriptable__(self):
         return unfused_copy(self)
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before vitfast swapped it (its own class when it is no stand-in)."""
+    return type(module).__dict__.get("_vitfast_original", type(module))
+
+
+def _functorch_level():
+    """The active torch.func transform level, or None: the custom ops have no rules for those transforms."""
+    return torch._C._functorch.maybe_current_level()
+
+
+def _signed_as(original: type):
+    """``Fused.forward`` under ``original.forward``'s name and signature (``inspect.signature``,
+    ``torch.fx`` and tracers that bind arguments by name read it through ``__wrapped__``)."""
+    @functools.wraps(original.forward)
+    def forward(self, *args, **kwargs):
+        return Fused.forward(self, *args, **kwargs)
+    return forward
 
 
 class UnfusedForScripting:
@@ -200,7 +260,7 @@ def unfused_copy(module: nn.Module) -> nn.Module:
     def copy(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        cls = getattr(type(m), "_vitfast_original", type(m))
+        cls = type(m).__dict__.get("_vitfast_original", type(m))
         new = cls.__new__(cls)
         memo[id(m)] = new
         for key, value in m.__dict__.items():
@@ -222,11 +282,14 @@ def _class_key(original: type, mixin: type) -> str:
 
 
 def stand_in(original: type, mixin: type) -> type:
-    """The stand-in class for ``original``: ``mixin``'s fused forward over ``original``'s everything else."""
+    """The stand-in class for ``original``: ``mixin``'s fused forward over ``original``'s everything
+    else, under ``original``'s name (code that finds layer classes by name, such as transformers' and
+    accelerate's FSDP wrapping and device maps, finds it)."""
     key = _class_key(original, mixin)
     cls = _made.get(key)
     if cls is None:
-        cls = type(f"Fast{original.__name__}", (mixin, original),
+        bases = (mixin,) if issubclass(mixin, original) else (mixin, original)
+        cls = type(original.__name__, bases,
                    {"__module__": __name__, "__qualname__": key, "_vitfast_original": original})
         _made[key] = cls
     return cls

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._block import BlockWeights, linear_params, norm_params, param, post_norm_block, pre_norm_block
-from ._fused import Fused, Unfusable
+from ._block import BlockWeights, drops, linear_params, norm_params, param, post_norm_block, pre_norm_block
+from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
 from .layer_norm import LayerNorm
 from .mlp import activation_name
@@ -14,8 +14,8 @@ _OUT_PROJ = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def _dropout_active(layer: nn.TransformerEncoderLayer) -> bool:
-    ps = (layer.dropout.p, layer.dropout1.p, layer.dropout2.p, layer.self_attn.dropout)
-    return layer.training and any(p > 0 for p in ps)
+    return drops(*((d, d.p) for d in (layer.dropout, layer.dropout1, layer.dropout2)),
+                 (layer.self_attn, layer.self_attn.dropout))
 
 
 def unsupported_reason(layer: nn.TransformerEncoderLayer) -> str | None:
@@ -37,7 +37,7 @@ def unsupported_reason(layer: nn.TransformerEncoderLayer) -> str | None:
         return "self_attn has separate kdim/vdim projections"
     if attn.bias_k is not None or attn.add_zero_attn:
         return "self_attn uses add_bias_kv or add_zero_attn"
-    if type(layer.norm1) not in (nn.LayerNorm, LayerNorm) or type(layer.norm2) not in (nn.LayerNorm, LayerNorm):
+    if not (original_class(layer.norm1) is nn.LayerNorm and original_class(layer.norm2) is nn.LayerNorm):
         return "norm1/norm2 are not nn.LayerNorm"
     if not (layer.norm1.eps >= 0 and layer.norm2.eps >= 0):
         return "a LayerNorm has a negative eps"
@@ -117,21 +117,35 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
         return out if self.self_attn.batch_first else out.transpose(0, 1).contiguous()
 
 
-def _pytorch_pads_with_zeros(encoder: nn.TransformerEncoder, src: Tensor, mask, kpm) -> bool:
-    """Whether nn.TransformerEncoder would take its nested-tensor path here, which returns zeros at
-    padded positions (before the final norm); vitfast reproduces that so outputs match everywhere."""
-    if kpm is None or mask is not None or src.dim() != 3 or encoder.training:
+def _padding_of(kpm: Tensor) -> Tensor:
+    """Where a key padding mask pads, as nn.TransformerEncoder's nested path reads it: True, or any
+    non-zero additive value."""
+    return kpm if kpm.dtype == torch.bool else kpm != 0
+
+
+def _pytorch_takes_nested_path(encoder: nn.TransformerEncoder, src: Tensor, mask, kpm) -> bool:
+    """Whether nn.TransformerEncoder.forward would run its layers on a nested tensor here (its own
+    conditions, in its order). That path drops padded tokens, so their keys are fully masked and their
+    rows come out zero (before the final norm); vitfast reproduces it so outputs match everywhere."""
+    first = encoder.layers[0]
+    if not torch.backends.mha.get_fastpath_enabled() or not getattr(encoder, "use_nested_tensor", False):
         return False
-    if not getattr(encoder, "use_nested_tensor", False) or not torch.backends.mha.get_fastpath_enabled():
+    if first.training or src.dim() != 3 or kpm is None:
         return False
-    if torch.is_autocast_enabled() or (torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+    mask_check = getattr(encoder, "mask_check", True)
+    if mask_check and (torch.compiler.is_compiling()
+                       or not torch._nested_tensor_from_mask_left_aligned(src, _padding_of(kpm).logical_not())):
         return False
-    if src.requires_grad and torch.is_grad_enabled():
+    if src.is_nested or mask is not None or torch.is_autocast_enabled():
         return False
-    keep = kpm.logical_not() if kpm.dtype == torch.bool else kpm == 0
-    batch_first = encoder.layers[0].self_attn.batch_first
-    return not getattr(encoder, "mask_check", True) or bool(
-        torch._nested_tensor_from_mask_left_aligned(src if batch_first else src.transpose(0, 1), keep))
+    attn = first.self_attn
+    tensors = [t for t in (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                           first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                           first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+               if t is not None]
+    if torch.overrides.has_torch_function(tensors) or src.device.type not in ("cpu", "cuda", "xpu"):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 class FastTransformerEncoder(Fused, nn.TransformerEncoder):
@@ -145,6 +159,9 @@ class FastTransformerEncoder(Fused, nn.TransformerEncoder):
 
     _vitfast_original = nn.TransformerEncoder
     _vitfast_bypasses = ()  # each layer and the final norm are called as modules: their hooks fire
+
+    def _vitfast_declines(self, src: Tensor, *args, **kwargs) -> bool:
+        return src.is_nested  # PyTorch's own code takes nested tensors
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -176,14 +193,15 @@ class FastTransformerEncoder(Fused, nn.TransformerEncoder):
         from torch.nn.modules.transformer import _detect_is_causal_mask
 
         is_causal = _detect_is_causal_mask(mask, is_causal, seq_len)
-        zero_padded = _pytorch_pads_with_zeros(self, src, mask, src_key_padding_mask)
+        kpm = src_key_padding_mask
+        nested = _pytorch_takes_nested_path(self, src, mask, kpm)
+        if nested:
+            kpm = _padding_of(kpm)  # padded tokens are dropped there, whatever their additive value
         out = src
         for layer in self.layers:
-            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        if zero_padded:
-            pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
-            pad = pad if batch_first else pad.transpose(0, 1)
-            out = out.masked_fill(pad.unsqueeze(-1), 0.0)
+            out = layer(out, src_mask=mask, src_key_padding_mask=kpm, is_causal=is_causal)
+        if nested:
+            out = out.masked_fill((kpm if batch_first else kpm.transpose(0, 1)).unsqueeze(-1), 0.0)
         if self.norm is not None:
             out = self.norm(out)
         return out

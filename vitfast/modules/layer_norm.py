@@ -8,7 +8,7 @@ from ._fused import Fused
 from ._share import share_as
 
 
-class LayerNormForward(Fused):
+class FusedLayerNorm(Fused):
     """The fused forward of ``nn.LayerNorm`` and its subclasses that compute the same thing (timm's
     ``LayerNorm``): vitfast's LayerNorm kernel over the last dimension."""
 
@@ -31,7 +31,7 @@ class LayerNormForward(Fused):
         return self._vitfast_original.forward(self, s), s
 
 
-class LayerNorm(LayerNormForward, nn.LayerNorm):
+class LayerNorm(FusedLayerNorm, nn.LayerNorm):
     """``nn.LayerNorm`` on vitfast's fused kernel: same constructor, parameters and ``state_dict``.
 
     ``forward(x)`` returns the normalised ``x``; ``forward(x, residual)`` normalises ``x + residual``

@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import reference
 from ..ops.patch_embed import patch_embed
-from ._fused import Fused, Unfusable
+from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
 
 
@@ -20,7 +20,7 @@ def _check_patch_conv(conv: nn.Module) -> None:
         got = getattr(conv, name)
         if got != want:
             raise ValueError(f"proj.{name} must be {want} for a patch embedding, got {got}")
-    if type(conv) not in (nn.Conv2d, PatchConv2d):
+    if original_class(conv) is not nn.Conv2d:
         raise TypeError(f"proj must be an nn.Conv2d, got its subclass {type(conv).__name__}")
 
 
@@ -36,10 +36,10 @@ def patch_conv_reason(conv: object) -> str | None:
 class PatchConv2d(Fused, nn.Conv2d):
     """``nn.Conv2d`` with kernel = stride (a patch projection) on vitfast's patch-embedding kernel.
 
-    It returns the usual [B, D, H/P, W/P] values as a view of the [B, N, D] token buffer the kernel
-    writes (channels-last strides), so code that then flattens and transposes to tokens, like
-    torchvision's ``_process_input``, does so without a copy. Inputs the kernel does not take (an
-    unbatched image, sides that are not multiples of P) run ``nn.Conv2d``'s own forward.
+    It returns the usual contiguous [B, D, H/P, W/P] output, which the kernel writes channel-major in
+    place, so code that flattens and transposes it to tokens (torchvision's ``_process_input``) or
+    views it does exactly what it did. Inputs the kernel does not take (an unbatched image, sides that
+    are not multiples of P) run ``nn.Conv2d``'s own forward.
     """
 
     _vitfast_original = nn.Conv2d
@@ -52,14 +52,14 @@ class PatchConv2d(Fused, nn.Conv2d):
     def _vitfast_unsupported(self) -> str | None:
         return patch_conv_reason(self)
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size[0]
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of {self.in_channels}-channel "
+        if input.dim() != 4 or input.shape[1] != self.in_channels or input.shape[2] % p or input.shape[3] % p:
+            raise Unfusable(f"input of shape {tuple(input.shape)} is not a batch of {self.in_channels}-channel "
                             f"images cut into whole {p}x{p} patches")
-        tokens = patch_embed(x, self.weight, self.bias)  # [B, N, D]
-        b, _, h, w = x.shape
-        return tokens.view(b, h // p, w // p, -1).permute(0, 3, 1, 2)
+        tokens = patch_embed(input, self.weight, self.bias, channels_first=True)  # [B, N, D], stored [B, D, N]
+        b, _, h, w = input.shape
+        return tokens.transpose(1, 2).view(b, self.out_channels, h // p, w // p)
 
 
 class PatchEmbedding(Fused, reference.PatchEmbedding):

@@ -6,8 +6,8 @@ import torch
 
 from .. import reference
 from ..ops.patch_embed import patch_embed
-from ._fused import Fused
-from .patch_embed import PatchEmbedding, patch_conv_reason
+from ._fused import Fused, original_class
+from .patch_embed import patch_conv_reason
 
 
 class FastVisionTransformer(Fused, reference.VisionTransformer):
@@ -21,7 +21,7 @@ class FastVisionTransformer(Fused, reference.VisionTransformer):
     _vitfast_bypasses = ("patch_embed",)  # the encoder and the head are called as modules
 
     def _vitfast_unsupported(self) -> str | None:
-        if type(self.patch_embed) not in (reference.PatchEmbedding, PatchEmbedding):
+        if original_class(self.patch_embed) is not reference.PatchEmbedding:
             return f"patch_embed is a {type(self.patch_embed).__name__}"
         return patch_conv_reason(self.patch_embed.proj)
 
