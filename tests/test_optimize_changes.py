@@ -4,7 +4,6 @@ function, a monkeypatched forward, parametrizations, a second optimize)."""
 import copy
 import inspect
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -3,7 +3,6 @@ import itertools
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
-from torch import nn
 
 from vitfast import reference, runtime
 from vitfast.checks.patch_embed import composite
