@@ -1,10 +1,10 @@
 """Tiled GEMM with a fused epilogue, Y = s ⊙ act(X · Wᵀ + b) + R, and its backward.
 
 X and W are read through their strides (W in ``nn.Linear`` layout [out, in]), so no transposed copy
-is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, ReLU or none),
-the per-column scale s (timm's LayerScale) and the residual add happen on the fp32 tile in
-registers, and the result is cast to Y's dtype once, on the store. An MLP is two launches:
-fc1 + bias + GELU, then fc2 + bias (+ scale) + residual.
+is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, CLIP's
+QuickGELU, ReLU or none), the per-column scale s (timm's LayerScale) and the residual add happen on
+the fp32 tile in registers, and the result is cast to Y's dtype once, on the store. An MLP is two
+launches: fc1 + bias + GELU, then fc2 + bias (+ scale) + residual.
 
 Training: the forward also stores the pre-activation Z = X · Wᵀ + b (one extra M·N·e write, what
 PyTorch's eager autograd keeps too) instead of recomputing a GEMM in the backward. The backward is
@@ -27,7 +27,7 @@ import triton.language as tl
 from . import _tuning
 from ._layout import vector_stride
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu")
 
 # H100/H200 shared memory per block (227 KiB opt-in); configs whose pipeline needs more are pruned.
 _SMEM_BYTES = 227 * 1024
@@ -90,12 +90,22 @@ def _gelu_tanh_gate(z):
 
 
 @triton.jit
+def _quick_gelu_gate(z):
+    """sigmoid(1.702·z): QuickGELU (OpenAI CLIP's activation) is z·gate."""
+    # The floor keeps exp(-1.702·z) finite (it overflows fp32 below z ≈ -52); it moves the result
+    # by less than 1e-33.
+    return tl.sigmoid(tl.maximum(1.702 * z, -80.0))
+
+
+@triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     """act(z) on an fp32 tile."""
     if ACTIVATION == "gelu":
         z = z * _gelu_cdf(z)
     elif ACTIVATION == "gelu_tanh":
         z = z * _gelu_tanh_gate(z)
+    elif ACTIVATION == "quick_gelu":
+        z = z * _quick_gelu_gate(z)
     elif ACTIVATION == "relu":
         z = tl.maximum(z, 0.0)
     return z
@@ -256,6 +266,10 @@ def _epilogue_bwd_kernel(
             # ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
             gate = _gelu_tanh_gate(z)
             g *= gate + z * gate * (1.0 - gate) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+        elif ACTIVATION == "quick_gelu":
+            # d/dz z·s = s + z·ds/dz, ds/dz = 1.702·s·(1 - s).
+            gate = _quick_gelu_gate(z)
+            g *= gate + 1.702 * z * gate * (1.0 - gate)
         elif ACTIVATION == "relu":
             g = tl.where(z > 0.0, g, 0.0)
         tl.store(DZ + rows[:, None] * stride_dzm + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)

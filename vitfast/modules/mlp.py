@@ -12,25 +12,32 @@ from ..ops.linear import mlp
 from ._fused import bypass_reason
 from ._share import share_as
 
-# timm's and Hugging Face's activation modules, matched by class name so neither need be installed.
+# timm's, open_clip's and Hugging Face's activation modules, matched by class name so none need be
+# installed.
 _NAMED_ACTIVATIONS = {
     "timm.layers.activations.GELU": "gelu",
     "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "timm.layers.activations.QuickGELU": "quick_gelu",
+    "open_clip.transformer.QuickGELU": "quick_gelu",
     "transformers.activations.GELUActivation": "gelu",
     "transformers.activations.GELUTanh": "gelu_tanh",
     "transformers.activations.PytorchGELUTanh": "gelu_tanh",
     "transformers.activations.NewGELUActivation": "gelu_tanh",
+    "transformers.activations.QuickGELUActivation": "quick_gelu",
 }
 _FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", torch.relu: "relu"}
-_STRINGS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_STRINGS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+            "relu": "relu"}
 
 
 def activation_name(act: Union[str, Callable, nn.Module, None]) -> Optional[str]:
-    """The fused kernels' name ("gelu", "gelu_tanh", "relu") for ``act``, or None if they lack it.
+    """The fused kernels' name ("gelu", "gelu_tanh", "quick_gelu", "relu") for ``act``, or None if they
+    lack it.
 
     Takes what transformer layers hold: a string, ``F.gelu``/``F.relu``, ``nn.GELU()`` (either
-    ``approximate``), ``nn.ReLU()``, or timm's and Hugging Face's GELU modules (``ACT2FN["gelu"]``,
-    ``"gelu_pytorch_tanh"``, ``"gelu_new"``).
+    ``approximate``), ``nn.ReLU()``, timm's and Hugging Face's GELU modules (``ACT2FN["gelu"]``,
+    ``"gelu_pytorch_tanh"``, ``"gelu_new"``), or CLIP's QuickGELU as timm, open_clip and Hugging Face
+    (``ACT2FN["quick_gelu"]``) define it.
 
     >>> activation_name(nn.GELU(approximate="tanh"))
     'gelu_tanh'
@@ -60,7 +67,7 @@ class Mlp(nn.Module):
     (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and ``state_dict``.
 
     ``forward(x)`` returns ``fc2(act(fc1(x)))``; ``forward(x, residual)`` adds ``residual`` in fc2's
-    epilogue. GELU (exact or tanh) and ReLU are fused; another activation, a ``norm_layer``,
+    epilogue. GELU (exact or tanh), QuickGELU and ReLU are fused; another activation, a ``norm_layer``,
     dropout while training, or ``use_conv`` (1×1 convolutions over NCHW) runs the PyTorch path, with
     one warning per configuration.
 

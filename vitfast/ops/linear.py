@@ -16,12 +16,14 @@ from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
 
 # Accepted spellings -> the kernel's name for the epilogue activation.
-_ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+_ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+                "relu": "relu"}
 
 _TORCH_ACTIVATIONS = {
     "none": lambda t: t,
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # as CLIP, timm, open_clip and transformers
     "relu": F.relu,
 }
 
@@ -135,7 +137,8 @@ def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=No
 def _activation(activation: str | None) -> str:
     if not (activation is None or isinstance(activation, str)) or activation not in _ACTIVATIONS:
         raise ValueError(
-            f"activation must be one of None, 'none', 'gelu', 'gelu_tanh', 'relu', got {activation!r}"
+            "activation must be one of None, 'none', 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', "
+            f"got {activation!r}"
         )
     return _ACTIVATIONS[activation]
 
@@ -213,11 +216,12 @@ def linear(
 ) -> Tensor:
     """``scale * act(x @ weight.T + bias) + residual`` in one kernel, ``weight`` in ``nn.Linear`` layout.
 
-    ``x`` is any [..., in] tensor; ``activation`` is None/"none", "gelu" (exact, erf), "gelu_tanh"
-    or "relu"; ``residual`` has the output's shape [..., out]; ``scale`` [out] multiplies each output
-    column (timm's LayerScale), any float dtype and stride, applied in fp32 like the bias. The
-    product accumulates in fp32 (TF32 for fp32 inputs only where
-    ``torch.backends.cuda.matmul.allow_tf32`` allows it) and is rounded to ``x``'s dtype once.
+    ``x`` is any [..., in] tensor; ``activation`` is None/"none", "gelu" (exact, erf), "gelu_tanh",
+    "quick_gelu" (``x * sigmoid(1.702 * x)``, OpenAI CLIP's) or "relu"; ``residual`` has the output's
+    shape [..., out]; ``scale`` [out] multiplies each output column (timm's LayerScale), any float
+    dtype and stride, applied in fp32 like the bias. The product accumulates in fp32 (TF32 for fp32
+    inputs only where ``torch.backends.cuda.matmul.allow_tf32`` allows it) and is rounded to ``x``'s
+    dtype once.
     Differentiable: the backward runs on Triton kernels too, the scale's gradient included.
     float64 inputs take PyTorch (warned once).
 
