@@ -220,6 +220,13 @@ class Fused:
     def __prepare_scriptable__(self):
         return unfused_copy(self)
 
+    def __getstate__(self):
+        # The cached plan holds the forward functions of classes made at run time, which pickle
+        # cannot name; a copy checks in full on its first call instead.
+        state = dict(super().__getstate__())
+        state.pop("_vitfast_plan", None)
+        return state
+
 
 def original_class(module: nn.Module) -> type:
     """The class ``module`` had before vitfast swapped it (its own class when it is no stand-in)."""
