@@ -3,9 +3,12 @@
 Recognised by exact class, wherever they sit in the model (one file per ecosystem):
 
 * PyTorch (``pytorch.py``): ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, ``nn.LayerNorm``
-  over one dimension, and ``vitfast.reference``'s ``VisionTransformer`` and ``PatchEmbedding``;
+  over one dimension, a self-attention ``nn.MultiheadAttention`` (unless a stand-in above it runs it),
+  and ``vitfast.reference``'s ``VisionTransformer`` and ``PatchEmbedding``;
 * timm (``timm.py``): ``PatchEmbed``, the ViT ``Block``, ``LayerNorm``;
 * torchvision (``torchvision.py``): the ViT's ``conv_proj`` and ``EncoderBlock``;
+* open_clip (``open_clip.py``): the ViT's ``conv1``, ``ResidualAttentionBlock``, ``LayerNorm`` and
+  ``LayerNormFp32``;
 * Hugging Face (``huggingface.py``): ``ViTEmbeddings`` and ``ViTLayer``.
 
 A module is swapped by changing its class, in place, to a subclass of its own class (a stand-in,
@@ -22,22 +25,32 @@ from torch import nn
 
 from ..modules import _fused
 from ..modules._fused import Fused, UnfusedForScripting
-from . import huggingface, pytorch, timm, torchvision
+from . import huggingface, open_clip, pytorch, timm, torchvision
 from .report import Entry, Report
 from .rules import Rule
 
 __all__ = ["Entry", "Report", "optimize"]
 
-RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *torchvision.RULES, *huggingface.RULES]
+RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *torchvision.RULES, *huggingface.RULES, *open_clip.RULES]
 
 
 def _name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, report: Report) -> bool:
-    """Convert ``module`` and everything below it; True when a stand-in now sits at or below it."""
-    rule = next((r for r in RULES if r.matches(module, parent, name)), None)
+def _bypasses(module: nn.Module, child: str) -> bool:
+    """Whether ``module`` is a stand-in whose fused path reads ``child``'s weights instead of calling it."""
+    if not isinstance(module, Fused):
+        return False
+    bypassed = module._vitfast_bypasses
+    return bypassed is None or child in bypassed
+
+
+def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, report: Report,
+          bypassed: bool = False) -> bool:
+    """Convert ``module`` and everything below it; True when a stand-in now sits at or below it.
+    ``bypassed``: a stand-in above ``module`` runs it itself (its checks read the classes below it)."""
+    rule = next((r for r in RULES if (r.inside_fused or not bypassed) and r.matches(module, parent, name)), None)
     if isinstance(module, Fused):  # swapped by an earlier optimize, or built as vitfast's: left as it is
         cls = type(module)
         made = cls.__module__ == _fused.__name__  # by stand_in(): its first base is vitfast's class
@@ -53,7 +66,8 @@ def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, rep
     below = False
     for child_name, child in list(module._modules.items()):
         if child is not None:
-            below |= _walk(child, module, child_name, f"{path}.{child_name}" if path else child_name, report)
+            below |= _walk(child, module, child_name, f"{path}.{child_name}" if path else child_name, report,
+                           bypassed or _bypasses(module, child_name))
     if below and not isinstance(module, Fused) and not hasattr(type(module), "__prepare_scriptable__"):
         # torch.jit.script replaces children in place with their scriptable form: script a copy instead.
         module.__prepare_scriptable__ = UnfusedForScripting(module)

@@ -7,6 +7,8 @@ from .. import reference
 from ..modules.encoder import FastTransformerEncoder, FastTransformerEncoderLayer, unsupported_reason
 from ..modules._fused import original_class
 from ..modules.layer_norm import FusedLayerNorm, LayerNorm
+from ..modules.multihead_attention import MultiheadAttention
+from ..modules.multihead_attention import unsupported_reason as mha_unsupported_reason
 from ..modules.patch_embed import PatchEmbedding
 from ..modules.vit import FastVisionTransformer
 from .rules import Location, Rule, head_dim_reason, location
@@ -14,6 +16,10 @@ from .rules import Location, Rule, head_dim_reason, location
 
 def _encoder_layer_reason(layer: nn.TransformerEncoderLayer) -> str | None:
     return unsupported_reason(layer) or head_dim_reason(layer.self_attn.embed_dim, layer.self_attn.num_heads)
+
+
+def _mha_reason(mha: nn.MultiheadAttention) -> str | None:
+    return mha_unsupported_reason(mha) or head_dim_reason(mha.embed_dim, mha.num_heads)
 
 
 # A stand-in's own per-call check doubles as the conversion check: it only reads attributes.
@@ -31,4 +37,6 @@ RULES = [
     Rule((location(nn.TransformerEncoder),), lambda m: None, FastTransformerEncoder),
     Rule((location(nn.TransformerEncoderLayer),), _encoder_layer_reason, FastTransformerEncoderLayer),
     Rule((location(nn.LayerNorm),), layer_norm_reason, LayerNorm),
+    # Wherever it sits, but not inside a block vitfast runs fused: that block's checks read its class.
+    Rule((location(nn.MultiheadAttention),), _mha_reason, MultiheadAttention, inside_fused=False),
 ]

@@ -33,6 +33,9 @@ class Rule:
     reason: Callable[[nn.Module], "str | None"]  # why a matched module cannot be fused, or None
     stand_in: type  # vitfast's class that computes the fused forward (combined with the original class)
     parent: tuple[Location, str] | None = None  # (parent's class, attribute name) the module must sit at
+    # Whether it converts a module that a stand-in above it runs itself: False for a module whose exact
+    # class that stand-in's checks compare (an nn.MultiheadAttention inside a fused encoder block).
+    inside_fused: bool = True
 
     def matches(self, module: nn.Module, parent: nn.Module | None, name: str) -> bool:
         if location(type(module)) not in self.classes:

@@ -138,18 +138,22 @@ def _packed(t: Tensor | tuple[Tensor, ...] | None) -> Tensor | None:
     return torch.cat(t) if isinstance(t, tuple) else t
 
 
-def _attend(y: Tensor, w: BlockWeights, key_padding_mask, attn_mask, is_causal: bool) -> Tensor:
+def _attend(y: Tensor, w: BlockWeights, key_padding_mask, attn_mask, is_causal: bool,
+            batch_first: bool = True) -> Tensor:
+    """Attention of the tokens ``y`` ([B, N, D], or [N, B, D] when not ``batch_first``): [B, N, D]."""
     qkv = linear(y, _packed(w.qkv_weight), _packed(w.qkv_bias))
-    return attention(qkv, w.num_heads, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                     scale=w.scale, is_causal=is_causal)
+    return attention(qkv if batch_first else qkv.transpose(0, 1), w.num_heads, key_padding_mask=key_padding_mask,
+                     attn_mask=attn_mask, scale=w.scale, is_causal=is_causal)
 
 
 def pre_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,
-                   is_causal: bool = False) -> Tensor:
-    """x + attn(LN1(x)), then + mlp(LN2(·)); x is [B, N, D] (batch first)."""
-    _check(x, w, key_padding_mask, attn_mask)
-    a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal)
-    x = linear(a, w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale)
+                   is_causal: bool = False, batch_first: bool = True) -> Tensor:
+    """x + attn(LN1(x)), then + mlp(LN2(·)); x is [B, N, D], or sequence-first [N, B, D] when not
+    ``batch_first`` (OpenAI CLIP's layout), and the result keeps x's layout."""
+    _check(x if batch_first else x.transpose(0, 1), w, key_padding_mask, attn_mask)
+    a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal, batch_first)
+    # Sequence-first: the out-projection reads the attention output back in x's layout.
+    x = linear(a if batch_first else a.transpose(0, 1), w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale)
     return mlp(layer_norm(x, *w.norm2), w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias,
                activation=w.activation, residual=x, scale=w.fc2_scale)
 
