@@ -59,7 +59,7 @@ FAMILIES = {
     "reference": (reference_vit, {"FastVisionTransformer": 1, "FastTransformerEncoderLayer": DEPTH}),
     "timm": (timm_vit, {"FusedTimmPatchEmbed": 1, "FusedTimmBlock": DEPTH}),
     "torchvision": (torchvision_vit, {"PatchConv2d": 1, "FusedTorchvisionEncoderBlock": DEPTH}),
-    "huggingface": (hf_vit, {"FusedHFViTEmbeddings": 1, "FusedHFViTLayer": DEPTH}),
+    "huggingface": (hf_vit, {"FusedHFViTEmbeddings": 1, "FusedHFEncoderLayer": DEPTH}),
 }
 
 

@@ -1,0 +1,185 @@
+"""Hugging Face encoder layers (pre-norm; q, k and v projected apart) as one fused block: ViT, DeiT,
+CLIP, SigLIP (and SigLIP 2), DINOv2 (with and without registers). Each is matched by its exact class
+and read through a ``Layout`` naming where its forward finds each part; transformers 4's ``ViTLayer``
+(self-attention and output modules nested a level deeper) is read as well."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ...modules._block import BlockWeights, drops, linear_params, norm_params, pre_norm_block
+from ...modules._fused import Fused, Unfusable, original_class
+from ...modules.mlp import activation_name
+from ..pytorch import is_layer_norm
+from ..rules import Location, Rule, head_dim_reason, is_exactly, location
+from .capture import (asks_more, custom_attention, kernel_mask, mask_and_rest, reads_mask_as_kernel, recorder_key,
+                      returns_tuple)
+
+_LINEAR, _DROPOUT, _IDENTITY = location(nn.Linear), location(nn.Dropout), location(nn.Identity)
+
+
+def models(name: str) -> str:
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one transformers 5 layer class keeps what its forward reads. Its parts are the classes
+    ``<prefix>Attention``, ``<prefix>MLP`` (and ``<prefix>LayerScale``, ``<prefix>DropPath``) of the
+    same module."""
+
+    module: str
+    prefix: str
+    norms: tuple[str, str]  # the pre-norms of the attention and the MLP
+    attention: str  # the layer's attribute holding the attention
+    out_proj: str  # the attention's output projection
+    dropouts: tuple[str, ...] = ()  # nn.Dropout on the layer, applied to each branch's output
+    layer_scales: tuple[str, str] | None = None  # per-channel branch scales (``lambda1``)
+    drop_path: str | None = None  # stochastic depth on both branches
+
+    def part(self, kind: str) -> Location:
+        return self.module, self.prefix + kind
+
+
+_VIT = models("vit")
+_HF_VIT = Layout(_VIT, "ViT", ("layernorm_before", "layernorm_after"), "attention", "o_proj", ("dropout",))
+_CLIP_LIKE = dict(norms=("layer_norm1", "layer_norm2"), attention="self_attn", out_proj="out_proj")
+_DINO_LIKE = dict(norms=("norm1", "norm2"), attention="attention", out_proj="o_proj",
+                  layer_scales=("layer_scale1", "layer_scale2"), drop_path="drop_path")
+LAYOUTS: dict[Location, Layout] = {
+    (_VIT, "ViTLayer"): _HF_VIT,
+    (models("deit"), "DeiTLayer"): Layout(models("deit"), "DeiT", _HF_VIT.norms, "attention", "o_proj", ("dropout",)),
+    (models("clip"), "CLIPEncoderLayer"): Layout(models("clip"), "CLIP", **_CLIP_LIKE),
+    (models("siglip"), "SiglipEncoderLayer"): Layout(models("siglip"), "Siglip", **_CLIP_LIKE),
+    (models("siglip2"), "Siglip2EncoderLayer"): Layout(models("siglip2"), "Siglip2", **_CLIP_LIKE),
+    (models("dinov2"), "Dinov2Layer"): Layout(models("dinov2"), "Dinov2", **_DINO_LIKE),
+    (models("dinov2_with_registers"), "Dinov2WithRegistersLayer"):
+        Layout(models("dinov2_with_registers"), "Dinov2WithRegisters", **_DINO_LIKE),
+}
+_V4_SELF_ATTENTION = ((_VIT, "ViTSelfAttention"), (_VIT, "ViTSdpaSelfAttention"))
+
+
+def _field(module: nn.Module, *names: str):
+    """The first of ``names`` that ``module`` has as a plain attribute (the classes name them apart)."""
+    state = module.__dict__
+    return next((state[n] for n in names if n in state), None)
+
+
+def _v5_parts(layer: nn.Module, layout: Layout) -> dict | None:
+    m = layer._modules
+    a, mlp = m.get(layout.attention), m.get("mlp")
+    if not (is_exactly(a, layout.part("Attention")) and is_exactly(mlp, layout.part("MLP"))):
+        return None
+    am = a._modules
+    scales = [m.get(n) for n in layout.layer_scales or ()]
+    if not all(is_exactly(s, layout.part("LayerScale")) for s in scales):
+        return None
+    drop_path = m.get(layout.drop_path) if layout.drop_path else None
+    if layout.drop_path and not is_exactly(drop_path, _IDENTITY, layout.part("DropPath")):
+        return None
+    heads, head_dim = _field(a, "num_attention_heads", "num_heads"), _field(a, "head_dim")
+    return dict(q=am.get("q_proj"), k=am.get("k_proj"), v=am.get("v_proj"), o=am.get(layout.out_proj),
+                fc1=mlp._modules.get("fc1"), fc2=mlp._modules.get("fc2"), act=getattr(mlp, "activation_fn", None),
+                heads=heads, head_dim=head_dim, scale=_field(a, "scaling", "scale"), attn=a,
+                attn_drop=_field(a, "attention_dropout", "dropout"), norms=tuple(m.get(n) for n in layout.norms),
+                drops=tuple(m.get(n) for n in layout.dropouts), scales=scales, drop_path=drop_path)
+
+
+def _v4_vit_parts(layer: nn.Module) -> dict | None:
+    m = layer._modules
+    a = m.get("attention")
+    if not is_exactly(a, (_VIT, "ViTAttention")):
+        return None
+    s, out, inter, output = a._modules.get("attention"), a._modules.get("output"), m.get("intermediate"), m.get("output")
+    if not (is_exactly(s, *_V4_SELF_ATTENTION) and is_exactly(out, (_VIT, "ViTSelfOutput"))
+            and is_exactly(inter, (_VIT, "ViTIntermediate")) and is_exactly(output, (_VIT, "ViTOutput"))):
+        return None
+    return dict(q=s.query, k=s.key, v=s.value, o=out.dense, fc1=inter.dense, fc2=output.dense,
+                act=inter.intermediate_act_fn, heads=s.num_attention_heads, head_dim=s.attention_head_size,
+                scale=1.0 / math.sqrt(s.attention_head_size), attn=s, attn_drop=getattr(s.dropout, "p", s.dropout),
+                norms=(m.get("layernorm_before"), m.get("layernorm_after")), drops=(out.dropout, output.dropout),
+                scales=[], drop_path=None)
+
+
+def _parts(layer: nn.Module) -> dict | None:
+    """The modules and settings a layer's forward reads, when each is the exact class transformers puts there."""
+    layout = LAYOUTS[location(original_class(layer))]
+    a = layer._modules.get(layout.attention)
+    if layout is _HF_VIT and a is not None and "q_proj" not in a._modules:
+        return _v4_vit_parts(layer)
+    return _v5_parts(layer, layout)
+
+
+def layer_reason(layer: nn.Module) -> str | None:
+    parts = _parts(layer)
+    if parts is None:
+        mlp = layer._modules.get("mlp")
+        if mlp is not None and "fc1" not in mlp._modules:
+            return f"mlp is a {type(mlp).__name__} (a gated MLP is not fused)"
+        return "not the attention/MLP layout of transformers' own classes"
+    if not all(is_exactly(parts[n], _LINEAR) for n in ("q", "k", "v", "o", "fc1", "fc2")):
+        return "a projection is not an nn.Linear"
+    if not all(is_exactly(d, _DROPOUT) for d in parts["drops"]):
+        return "a dropout is not nn.Dropout"
+    if not all(is_layer_norm(n) for n in parts["norms"]):
+        return "the norms are not nn.LayerNorm over the last dimension"
+    if activation_name(parts["act"]) is None:
+        return f"activation {type(parts['act']).__name__} is not fused"
+    if any((parts[n].bias is None) != (parts["q"].bias is None) for n in ("k", "v")):
+        return "query, key and value disagree on having a bias"
+    if not isinstance(parts["heads"], int) or not isinstance(parts["head_dim"], int):
+        return "the attention does not name its heads"
+    return head_dim_reason(parts["heads"] * parts["head_dim"], parts["heads"])
+
+
+def _drop_path_p(m: nn.Module | None) -> float:
+    return 0.0 if m is None else float(m.__dict__.get("drop_prob", 0.0))
+
+
+class FusedHFEncoderLayer(Fused):
+    """A Hugging Face pre-norm encoder layer as one fused block. q, k and v are concatenated into one
+    QKV weight on each call: a copy of 3·D² weights, small next to the block's GEMMs over every token,
+    and never stale (no cache key sees writes made through ``.data``). LayerScale (DINOv2) is applied
+    in the GEMM epilogues."""
+
+    def _vitfast_unsupported(self) -> str | None:
+        return layer_reason(self)
+
+    def _vitfast_honours(self, hook) -> bool:
+        return recorder_key(hook) is not None
+
+    def _vitfast_declines(self, hidden_states: Tensor, *args, **kwargs) -> bool:
+        if asks_more(self, args, kwargs):
+            return True
+        p = _parts(self)
+        if not reads_mask_as_kernel(p["attn"], mask_and_rest(self, args, kwargs)[0]):
+            return True
+        dp = p["drop_path"]
+        return drops((p["attn"], p["attn_drop"]), *((d, d.p) for d in p["drops"]),
+                     *(((dp, _drop_path_p(dp)),) if dp is not None else ()))
+
+    def _weights(self) -> BlockWeights:
+        p = _parts(self)
+        (q_w, q_b), (k_w, k_b), (v_w, v_b) = (linear_params(p[n]) for n in "qkv")
+        (o_w, o_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(p[n]) for n in ("o", "fc1", "fc2"))
+        scales = [s._parameters["lambda1"] for s in p["scales"]] or [None, None]
+        return BlockWeights(
+            num_heads=p["heads"], qkv_weight=(q_w, k_w, v_w), qkv_bias=None if q_b is None else (q_b, k_b, v_b),
+            proj_weight=o_w, proj_bias=o_b, norm1=norm_params(p["norms"][0]), norm2=norm_params(p["norms"][1]),
+            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b, activation=activation_name(p["act"]),
+            scale=p["scale"], proj_scale=scales[0], fc2_scale=scales[1],
+        )
+
+    def _fused_forward(self, hidden_states: Tensor, *args, **kwargs):
+        p = _parts(self)
+        custom = custom_attention(p["attn"])
+        if custom is not None:
+            raise Unfusable(f"attention implementation {custom!r} is not transformers' own")
+        mask, causal, _ = mask_and_rest(self, args, kwargs)
+        out = pre_norm_block(hidden_states, self._weights(), attn_mask=kernel_mask(mask), is_causal=causal)
+        return (out,) if returns_tuple(self) else out
+
+
+RULES = [Rule(tuple(LAYOUTS), layer_reason, FusedHFEncoderLayer)]
