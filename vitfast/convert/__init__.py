@@ -9,7 +9,8 @@ Recognised by exact class, wherever they sit in the model (one file per ecosyste
 * torchvision (``torchvision.py``): the ViT's ``conv_proj`` and ``EncoderBlock``;
 * open_clip (``open_clip.py``): the ViT's ``conv1``, ``ResidualAttentionBlock``, ``LayerNorm`` and
   ``LayerNormFp32``;
-* Hugging Face (``huggingface.py``): ``ViTEmbeddings`` and ``ViTLayer``.
+* Hugging Face (``huggingface/``): the image embeddings and encoder layers of ViT, DeiT, CLIP, SigLIP
+  (SigLIP 2's layers) and DINOv2 (with and without registers).
 
 A module is swapped by changing its class, in place, to a subclass of its own class (a stand-in,
 ``vitfast/modules/_fused.py``): same object, parameters, ``state_dict``, hooks and methods. A stand-in
@@ -26,7 +27,7 @@ from torch import nn
 from ..modules import _fused
 from ..modules._fused import Fused, UnfusedForScripting
 from . import huggingface, open_clip, pytorch, timm, torchvision
-from .report import Entry, Report
+from .report import Entry, Report, add_left_alone
 from .rules import Rule
 
 __all__ = ["Entry", "Report", "optimize"]
@@ -93,5 +94,6 @@ def optimize(model: nn.Module, inplace: bool = True) -> nn.Module:
         model = copy.deepcopy(model)
     report = Report()
     _walk(model, None, "", "", report)
+    add_left_alone(model, report)
     model.vitfast_report = report
     return model
