@@ -11,6 +11,7 @@ _TORCH_ACT = {
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # OpenAI CLIP's QuickGELU
 }
 
 
@@ -57,7 +58,7 @@ def _mlp_case(m: int, k: int, hidden: int, dtype, device) -> Row:
 def cases(device: torch.device, dtypes, small: bool):
     if small:
         linears = [(51, 100, 96, "gelu", True), (51, 100, 96, "gelu_tanh", False),
-                   (51, 100, 96, "relu", True), (51, 100, 96, None, False)]
+                   (51, 100, 96, "relu", True), (51, 100, 96, "quick_gelu", True), (51, 100, 96, None, False)]
         mlps = [(51, 64, 256)]
     else:
         m = 256 * 197

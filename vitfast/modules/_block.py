@@ -34,7 +34,7 @@ class BlockWeights:
     fc1_bias: Tensor | None
     fc2_weight: Tensor
     fc2_bias: Tensor | None
-    activation: str | None  # "gelu", "gelu_tanh" or "relu"; None (an activation the kernels lack) is refused
+    activation: str | None  # "gelu", "gelu_tanh", "quick_gelu" or "relu"; None (an activation the kernels lack) is refused
     scale: float | None = None  # attention scale; 1/sqrt(head_dim) when None
     proj_scale: Tensor | None = None  # [D] per-channel scale of the attention branch (timm's LayerScale ls1)
     fc2_scale: Tensor | None = None  # [D] per-channel scale of the MLP branch (ls2)
