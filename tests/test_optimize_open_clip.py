@@ -133,3 +133,30 @@ def test_optimize_open_clip_clip_towers(quick_gelu):
         assert launches.get("attention") == DEPTH and launches.get("mlp") == DEPTH, launches
     assert_parity(image, pt_out[0], ref_out[0])
     assert_parity(txt, pt_out[1], ref_out[1])
+
+
+@pytest.mark.parametrize("weights,images", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                            (torch.float32, torch.float64), (torch.float32, torch.uint8)])
+def test_patch_projection_raises_what_conv2d_raises(weights, images):
+    """Images the convolution refuses get PyTorch's own error (conv1 runs Conv2d's forward for them)."""
+    tower = _randomize(_vision_tower()).to(DEVICE, weights).eval()
+    fast = vitfast.optimize(copy.deepcopy(tower))
+    x = (torch.rand(2, 3, IMG, IMG, device=DEVICE) * 255).to(images)
+    errors = []
+    for model in (tower, fast):
+        with torch.no_grad(), pytest.raises(Exception) as caught:  # noqa: PT011: whatever PyTorch raises
+            model(x)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
+
+
+def test_autocast_keeps_the_patch_projection_dtype():
+    """Under autocast, Conv2d computes in the autocast dtype; conv1 and the tokens after it keep it."""
+    require_triton_path()
+    tower = _randomize(_vision_tower(output_tokens=True)).to(DEVICE).eval()
+    fast = vitfast.optimize(copy.deepcopy(tower))
+    x = torch.randn(2, 3, IMG, IMG, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        expected = [t.dtype for t in tower(x)] + [tower.conv1(x).dtype]
+        got = [t.dtype for t in fast(x)] + [fast.conv1(x).dtype]
+    assert got == expected

@@ -2,13 +2,14 @@
 installed for this file to import; it is never imported here)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
 from ..modules._fused import Fused, Unfusable
 from ..modules.layer_norm import FusedLayerNorm
 from ..modules.mlp import activation_name
-from ..modules.patch_embed import patch_conv_reason
+from ..modules.patch_embed import fusable_images, patch_conv_reason
 from ..ops.patch_embed import patch_embed
 from .pytorch import is_layer_norm, layer_norm_reason
 from .rules import Rule, head_dim_reason, is_exactly, location
@@ -122,13 +123,16 @@ class FusedTimmPatchEmbed(Fused):
     def _vitfast_unsupported(self) -> str | None:
         return patch_embed_reason(self)
 
+    def _vitfast_declines(self, x: Tensor) -> bool:
+        return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)  # as PatchConv2d
+
     def _fused_forward(self, x: Tensor) -> Tensor:
         p, size = self.proj.kernel_size[0], self.img_size
         if x.dim() != 4 or x.shape[1] != self.proj.in_channels or x.shape[2] % p or x.shape[3] % p:
             raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of images cut into whole {p}x{p} patches")
         if self.strict_img_size and size is not None and tuple(x.shape[-2:]) != tuple(size):
             raise Unfusable(f"images of size {tuple(x.shape[-2:])}, not {tuple(size)}")
-        return patch_embed(x, self.proj.weight, self.proj.bias)
+        return patch_embed(fusable_images(x, self.proj.weight), self.proj.weight, self.proj.bias)
 
 
 RULES = [

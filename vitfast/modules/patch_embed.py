@@ -24,6 +24,18 @@ def _check_patch_conv(conv: nn.Module) -> None:
         raise TypeError(f"proj must be an nn.Conv2d, got its subclass {type(conv).__name__}")
 
 
+_KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fusable_images(images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``images`` when the kernel computes with them and ``weight`` what the convolution would, else
+    ``Unfusable``: the original forward then runs, and raises PyTorch's own error for bad input (a
+    dtype or device that differs from the weight's)."""
+    if images.dtype != weight.dtype or images.dtype not in _KERNEL_FLOATS or images.device != weight.device:
+        raise Unfusable(f"{images.dtype} images on {images.device} with {weight.dtype} weights on {weight.device}")
+    return images
+
+
 def patch_conv_reason(conv: object) -> str | None:
     """Why ``conv`` is not a patch projection the fused kernel computes, or None when it is."""
     try:
@@ -52,12 +64,17 @@ class PatchConv2d(Fused, nn.Conv2d):
     def _vitfast_unsupported(self) -> str | None:
         return patch_conv_reason(self)
 
+    def _vitfast_declines(self, input: torch.Tensor) -> bool:
+        # Autocast runs the convolution in its own dtype: until the ops follow autocast, PyTorch does.
+        return isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)
+
     def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size[0]
         if input.dim() != 4 or input.shape[1] != self.in_channels or input.shape[2] % p or input.shape[3] % p:
             raise Unfusable(f"input of shape {tuple(input.shape)} is not a batch of {self.in_channels}-channel "
                             f"images cut into whole {p}x{p} patches")
-        tokens = patch_embed(input, self.weight, self.bias, channels_first=True)  # [B, N, D], stored [B, D, N]
+        # [B, N, D], stored [B, D, N]
+        tokens = patch_embed(fusable_images(input, self.weight), self.weight, self.bias, channels_first=True)
         b, _, h, w = input.shape
         return tokens.transpose(1, 2).view(b, self.out_channels, h // p, w // p)
 

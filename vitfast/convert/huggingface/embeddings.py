@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ...modules._block import drops
 from ...modules._fused import Fused, Unfusable
-from ...modules.patch_embed import patch_conv_reason
+from ...modules.patch_embed import fusable_images, patch_conv_reason
 from ...ops.patch_embed import patch_embed
 from ..rules import Location, Rule, is_exactly, location
 from .layers import models
@@ -73,7 +73,7 @@ class FusedHFViTEmbeddings(Fused):
     def _fused_forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         proj = self.patch_embeddings.projection
         grid = [s // proj.kernel_size[0] for s in self.image_size]
-        images = _images(pixel_values, proj, grid[0] * grid[1], False)
+        images = fusable_images(_images(pixel_values, proj, grid[0] * grid[1], False), proj.weight)
         if tuple(images.shape[2:]) != tuple(self.image_size):
             raise Unfusable(f"images of size {tuple(images.shape[2:])}, not {tuple(self.image_size)}")
         pos, dist = self.position_embeddings, self.__dict__["_parameters"].get("distillation_token")
@@ -98,7 +98,7 @@ class FusedHFDinov2Embeddings(Fused):
 
     def _fused_forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         proj, pos = self.patch_embeddings.projection, self.position_embeddings
-        images = _images(pixel_values, proj, pos.shape[1] - 1, True).to(proj.weight.dtype)
+        images = fusable_images(_images(pixel_values, proj, pos.shape[1] - 1, True).to(proj.weight.dtype), proj.weight)
         registers = self.__dict__["_parameters"].get("register_tokens")
         if registers is None:
             return patch_embed(images, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=pos)
@@ -135,7 +135,8 @@ class FusedHFCLIPEmbeddings(Fused):
             raise Unfusable(f"images of size {tuple(images.shape[2:])}, not {self.image_size}")
         # The rows transformers looks up, read on every call: position_ids is a buffer anyone may edit.
         table = self.position_embedding.weight.index_select(0, ids[0])
-        return patch_embed(images.to(conv.weight.dtype), conv.weight, conv.bias, cls_token=cls, pos_embed=table)
+        images = fusable_images(images.to(conv.weight.dtype), conv.weight)
+        return patch_embed(images, conv.weight, conv.bias, cls_token=cls, pos_embed=table)
 
 
 
