@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, drops, packed_block_weights, param, pre_norm_block
 from ..modules._fused import Fused, Unfusable, original_class
 from ..modules.layer_norm import FusedLayerNorm
 from ..modules.mlp import activation_name
@@ -95,15 +95,9 @@ class FusedOpenClipBlock(Fused):
 
     def _weights(self) -> BlockWeights:
         m = self._modules
-        attn, mlp = m["attn"], m["mlp"]._modules
-        (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(x) for x in (
-            attn._modules["out_proj"], mlp["c_fc"], mlp["c_proj"]))
-        return BlockWeights(
-            num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
-            proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(m["ln_1"]), norm2=norm_params(m["ln_2"]),
-            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
-            activation=activation_name(mlp["gelu"]), proj_scale=_gamma(m["ls_1"]), fc2_scale=_gamma(m["ls_2"]),
-        )
+        mlp = m["mlp"]._modules
+        return packed_block_weights(m["attn"], mlp["c_fc"], mlp["c_proj"], m["ln_1"], m["ln_2"],
+                                    activation_name(mlp["gelu"]), _gamma(m["ls_1"]), _gamma(m["ls_2"]))
 
     def _fused_forward(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
                        attn_mask: Tensor | None = None) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, drops, packed_block_weights, pre_norm_block
 from ..modules._fused import Fused
 from ..modules.mlp import activation_name
 from ..modules.patch_embed import PatchConv2d, patch_conv_reason
@@ -47,14 +47,8 @@ class FusedTorchvisionEncoderBlock(Fused):
 
     def _weights(self) -> BlockWeights:
         m = self._modules
-        attn, mlp = m["self_attention"], list(m["mlp"]._modules.values())
-        (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(x) for x in (
-            attn._modules["out_proj"], mlp[0], mlp[3]))
-        return BlockWeights(
-            num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
-            proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(m["ln_1"]), norm2=norm_params(m["ln_2"]),
-            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b, activation=activation_name(mlp[1]),
-        )
+        mlp = list(m["mlp"]._modules.values())
+        return packed_block_weights(m["self_attention"], mlp[0], mlp[3], m["ln_1"], m["ln_2"], activation_name(mlp[1]))
 
     def _fused_forward(self, input: Tensor) -> Tensor:
         return pre_norm_block(input, self._weights())

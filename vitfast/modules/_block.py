@@ -65,6 +65,22 @@ def norm_params(norm: nn.Module) -> tuple[Tensor | None, Tensor | None, float]:
     return param(norm, "weight"), param(norm, "bias"), norm.eps
 
 
+def packed_block_weights(attn: nn.Module, fc1: nn.Module, fc2: nn.Module, norm1: nn.Module, norm2: nn.Module,
+                         activation: str | None, proj_scale: Tensor | None = None,
+                         fc2_scale: Tensor | None = None) -> BlockWeights:
+    """The weights of a block whose attention is an ``nn.MultiheadAttention`` (one packed in-projection)
+    and whose MLP is ``fc1``, the activation, ``fc2``: PyTorch's encoder layer, torchvision's and
+    open_clip's blocks."""
+    (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(m) for m in (
+        attn._modules["out_proj"], fc1, fc2))
+    return BlockWeights(
+        num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
+        proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(norm1), norm2=norm_params(norm2),
+        fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b, activation=activation,
+        proj_scale=proj_scale, fc2_scale=fc2_scale,
+    )
+
+
 def _shape_reason(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor, same_dtype: bool) -> str | None:
     if t is None:
         return None

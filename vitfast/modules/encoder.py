@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._block import BlockWeights, drops, linear_params, norm_params, param, post_norm_block, pre_norm_block
+from ._block import BlockWeights, drops, packed_block_weights, post_norm_block, pre_norm_block
 from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
 from .layer_norm import LayerNorm
@@ -80,15 +80,8 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
 
     def _weights(self) -> BlockWeights:
         m = self._modules
-        attn = m["self_attn"]
-        (proj_w, proj_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(x) for x in (
-            attn._modules["out_proj"], m["linear1"], m["linear2"]))
-        return BlockWeights(
-            num_heads=attn.num_heads, qkv_weight=param(attn, "in_proj_weight"), qkv_bias=param(attn, "in_proj_bias"),
-            proj_weight=proj_w, proj_bias=proj_b, norm1=norm_params(m["norm1"]), norm2=norm_params(m["norm2"]),
-            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
-            activation=activation_name(self.activation),
-        )
+        return packed_block_weights(m["self_attn"], m["linear1"], m["linear2"], m["norm1"], m["norm2"],
+                                    activation_name(self.activation))
 
     def _vitfast_unsupported(self) -> str | None:
         return unsupported_reason(self)
