@@ -2,7 +2,7 @@
 
 X and W are read through their strides (W in ``nn.Linear`` layout [out, in]), so no transposed copy
 is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, CLIP's
-QuickGELU, ReLU or none), the per-column scale s (timm's LayerScale) and the residual add happen on
+QuickGELU, ReLU, SiLU or none), the per-column scale s (timm's LayerScale) and the residual add happen on
 the fp32 tile in registers, and the result is cast to Y's dtype once, on the store. An MLP is two
 launches: fc1 + bias + GELU, then fc2 + bias (+ scale) + residual.
 
@@ -27,7 +27,7 @@ import triton.language as tl
 from . import _tuning
 from ._layout import vector_stride
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 # H100/H200 shared memory per block (227 KiB opt-in); configs whose pipeline needs more are pruned.
 _SMEM_BYTES = 227 * 1024
@@ -98,6 +98,14 @@ def _quick_gelu_gate(z):
 
 
 @triton.jit
+def _silu_gate(z):
+    """sigmoid(z): SiLU (swish, the gate of SwiGLU) is z·gate."""
+    # The floor keeps exp(-z) finite (it overflows fp32 below z ≈ -88); it moves the result by less
+    # than 1e-33.
+    return tl.sigmoid(tl.maximum(z, -80.0))
+
+
+@triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     """act(z) on an fp32 tile."""
     if ACTIVATION == "gelu":
@@ -108,7 +116,33 @@ def _activate(z, ACTIVATION: tl.constexpr):
         z = z * _quick_gelu_gate(z)
     elif ACTIVATION == "relu":
         z = tl.maximum(z, 0.0)
+    elif ACTIVATION == "silu":
+        z = z * _silu_gate(z)
     return z
+
+
+@triton.jit
+def _activate_bwd(g, z, ACTIVATION: tl.constexpr):
+    """g ⊙ act'(z) on fp32 tiles: the gradient through act, given g, the gradient of act(z)."""
+    if ACTIVATION == "gelu":
+        # d/dz z·Φ(z) = Φ(z) + z·φ(z)
+        g *= _gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == "gelu_tanh":
+        # d/dz z·s = s + z·ds/dz,
+        # ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
+        gate = _gelu_tanh_gate(z)
+        g *= gate + z * gate * (1.0 - gate) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+    elif ACTIVATION == "quick_gelu":
+        # d/dz z·s = s + z·ds/dz, ds/dz = 1.702·s·(1 - s).
+        gate = _quick_gelu_gate(z)
+        g *= gate + 1.702 * z * gate * (1.0 - gate)
+    elif ACTIVATION == "relu":
+        g = tl.where(z > 0.0, g, 0.0)
+    elif ACTIVATION == "silu":
+        # d/dz z·s = s + z·s·(1 - s).
+        gate = _silu_gate(z)
+        g *= gate + z * gate * (1.0 - gate)
+    return g
 
 
 @triton.autotune(
@@ -258,20 +292,8 @@ def _epilogue_bwd_kernel(
     if STORE_DZ:
         if HAS_SCALE:
             g *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ACTIVATION == "gelu":
-            # d/dz z·Φ(z) = Φ(z) + z·φ(z)
-            g *= _gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-        elif ACTIVATION == "gelu_tanh":
-            # d/dz z·s = s + z·ds/dz,
-            # ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
-            gate = _gelu_tanh_gate(z)
-            g *= gate + z * gate * (1.0 - gate) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
-        elif ACTIVATION == "quick_gelu":
-            # d/dz z·s = s + z·ds/dz, ds/dz = 1.702·s·(1 - s).
-            gate = _quick_gelu_gate(z)
-            g *= gate + 1.702 * z * gate * (1.0 - gate)
-        elif ACTIVATION == "relu":
-            g = tl.where(z > 0.0, g, 0.0)
+        if ACTIVATION != "none":  # z is read only then
+            g = _activate_bwd(g, z, ACTIVATION)
         tl.store(DZ + rows[:, None] * stride_dzm + cols[None, :], g.to(DZ.dtype.element_ty), mask=mask)
 
 

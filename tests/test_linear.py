@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import GELU as TimmGELU, GELUTanh as TimmGELUTanh, Mlp as TimmMlp
+from timm.layers import GELU as TimmGELU, GELUTanh as TimmGELUTanh, Mlp as TimmMlp, Swish as TimmSwish
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -15,7 +15,7 @@ from vitfast.ops.linear import linear, mlp
 from helpers import DEVICE, DTYPE_IDS, DTYPES, HOOKS, assert_parity, layouts, require_triton_path
 
 ACT = {None: lambda t: t, "none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-       "relu": F.relu}
+       "relu": F.relu, "silu": F.silu}
 
 
 def _torch_linear(x, w, b, act=None, r=None):
@@ -57,6 +57,7 @@ LINEAR_CASES = [
     ((3 * 197, 100), 96, "relu", False, True),
     ((17, 100), 96, None, False, False),
     ((1, 100), 96, "none", True, True),
+    ((2, 17, 100), 96, "silu", False, True),
 ]
 
 
@@ -145,6 +146,7 @@ def test_linear_custom_op_registration():
     (nn.GELU, "gelu"),
     (functools.partial(nn.GELU, approximate="tanh"), "gelu_tanh"),
     (nn.ReLU, "relu"),
+    (nn.SiLU, "silu"),
 ])
 def test_mlp_module_drop_in_for_timm(act_layer, name):
     require_triton_path()
@@ -167,7 +169,7 @@ def test_mlp_module_drop_in_for_timm(act_layer, name):
 
 
 @pytest.mark.parametrize("kwargs, reason", [
-    (dict(act_layer=nn.SiLU), "activation SiLU"),
+    (dict(act_layer=nn.Tanh), "activation Tanh"),
     (dict(norm_layer=nn.LayerNorm), "norm_layer LayerNorm"),
     (dict(drop=0.1), "dropout while training"),
     (dict(use_conv=True), "layers Conv2d/Conv2d"),
@@ -211,7 +213,10 @@ def test_activation_name():
     assert activation_name(ACT2FN["gelu"]) == activation_name(TimmGELU()) == "gelu"
     assert activation_name(ACT2FN["gelu_pytorch_tanh"]) == activation_name(ACT2FN["gelu_new"]) == "gelu_tanh"
     assert activation_name(TimmGELUTanh()) == "gelu_tanh"
-    for unknown in (nn.SiLU(), F.silu, "swish", None, nn.Identity(), ACT2FN["silu"]):
+    assert activation_name(F.silu) == activation_name("silu") == activation_name(nn.SiLU()) == "silu"
+    assert activation_name(ACT2FN["silu"]) == activation_name(ACT2FN["swish"]) == activation_name("swish") == "silu"
+    assert activation_name(TimmSwish()) == "silu"
+    for unknown in (nn.Tanh(), F.tanh, "tanh", None, nn.Identity(), ACT2FN["tanh"], nn.Hardswish()):
         assert activation_name(unknown) is None
 
 

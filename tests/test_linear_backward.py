@@ -15,7 +15,7 @@ from vitfast.ops.linear import linear, mlp
 from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, layouts, require_triton_path
 
 ACT = {None: lambda t: t, "none": lambda t: t, "gelu": F.gelu, "relu": F.relu,
-       "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+       "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "silu": F.silu}
 
 
 def _torch_linear(x, weight, bias=None, activation=None, residual=None):
@@ -76,6 +76,7 @@ LINEAR_CASES = [
     ((3 * 197, 100), "relu", False, True),
     ((17, 100), "none", True, True),
     ((3, 17, 100), None, False, False),
+    ((2, 17, 100), "silu", False, True),
 ]
 
 
@@ -143,8 +144,8 @@ def test_mlp_backward_matches_torch(dtype):
     _check(mlp, _torch_mlp, inputs, (3, 17, 100), {"mlp": 1, "linear_bwd": 2}, activation="gelu")
 
 
-@pytest.mark.parametrize("act_layer", [nn.GELU, functools.partial(nn.GELU, approximate="tanh"), nn.ReLU],
-                         ids=["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("act_layer", [nn.GELU, functools.partial(nn.GELU, approximate="tanh"), nn.ReLU, nn.SiLU],
+                         ids=["gelu", "gelu_tanh", "relu", "silu"])
 def test_mlp_module_trains_like_timm(act_layer):
     """Training mode (no dropout): vitfast's Mlp runs the kernels both ways and its gradients match timm's."""
     require_triton_path()

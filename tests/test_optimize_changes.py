@@ -39,7 +39,7 @@ def _run_then_edit(model, fast, x, edit):
 def test_attribute_set_after_a_call_is_seen():
     x = _images()
     cases = [
-        (reference_vit, lambda m: setattr(m.encoder.layers[0], "activation", F.silu)),
+        (reference_vit, lambda m: setattr(m.encoder.layers[0], "activation", F.mish)),
         (hf_vit, lambda m: setattr(m.vit.layers[0].attention.q_proj, "bias", None)),
         (timm_vit, lambda m: setattr(m.blocks[1].mlp.act, "approximate", "tanh")),
         (timm_vit, lambda m: setattr(m.blocks[0].norm1, "eps", 0.3)),

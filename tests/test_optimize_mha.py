@@ -211,7 +211,7 @@ def test_mha_inside_a_fused_block_is_left_to_the_block():
 def test_mha_inside_a_layer_vitfast_leaves_runs_fused():
     """An encoder layer with an activation the kernels lack stays PyTorch's; its attention is swapped,
     and the layer's own code calls it."""
-    layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, activation=nn.functional.silu,
+    layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 2 * WIDTH, dropout=0.0, activation=nn.functional.mish,
                                        batch_first=False)
     model = _randomize(layer).to(DEVICE).eval()
     fast = vitfast.optimize(copy.deepcopy(model))

@@ -24,24 +24,29 @@ _NAMED_ACTIVATIONS = {
     "transformers.activations.PytorchGELUTanh": "gelu_tanh",
     "transformers.activations.NewGELUActivation": "gelu_tanh",
     "transformers.activations.QuickGELUActivation": "quick_gelu",
+    "transformers.activations.SiLUActivation": "silu",
+    "timm.layers.activations.Swish": "silu",
 }
-_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", torch.relu: "relu"}
+_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", F.silu: "silu"}
 _STRINGS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-            "relu": "relu"}
+            "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 def activation_name(act: Union[str, Callable, nn.Module, None]) -> Optional[str]:
-    """The fused kernels' name ("gelu", "gelu_tanh", "quick_gelu", "relu") for ``act``, or None if they
-    lack it.
+    """The fused kernels' name ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu") for ``act``, or None
+    if they lack it.
 
-    Takes what transformer layers hold: a string, ``F.gelu``/``F.relu``, ``nn.GELU()`` (either
-    ``approximate``), ``nn.ReLU()``, timm's and Hugging Face's GELU modules (``ACT2FN["gelu"]``,
-    ``"gelu_pytorch_tanh"``, ``"gelu_new"``), or CLIP's QuickGELU as timm, open_clip and Hugging Face
-    (``ACT2FN["quick_gelu"]``) define it.
+    Takes what transformer layers hold: a string, ``F.gelu``/``F.relu``/``F.silu``, ``nn.GELU()``
+    (either ``approximate``), ``nn.ReLU()``, ``nn.SiLU()``, timm's and Hugging Face's GELU modules
+    (``ACT2FN["gelu"]``, ``"gelu_pytorch_tanh"``, ``"gelu_new"``), CLIP's QuickGELU as timm, open_clip
+    and Hugging Face (``ACT2FN["quick_gelu"]``) define it, or SiLU as timm (``Swish``) and Hugging
+    Face (``ACT2FN["silu"]``, ``"swish"``) define it.
 
     >>> activation_name(nn.GELU(approximate="tanh"))
     'gelu_tanh'
-    >>> activation_name(nn.SiLU()) is None
+    >>> activation_name(nn.SiLU())
+    'silu'
+    >>> activation_name(nn.Tanh()) is None
     True
     """
     if isinstance(act, str):
@@ -50,6 +55,8 @@ def activation_name(act: Union[str, Callable, nn.Module, None]) -> Optional[str]
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     if isinstance(act, nn.ReLU):
         return "relu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
     if isinstance(act, nn.Module):
         return _NAMED_ACTIVATIONS.get(f"{type(act).__module__}.{type(act).__qualname__}")
     try:
@@ -67,9 +74,9 @@ class Mlp(nn.Module):
     (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and ``state_dict``.
 
     ``forward(x)`` returns ``fc2(act(fc1(x)))``; ``forward(x, residual)`` adds ``residual`` in fc2's
-    epilogue. GELU (exact or tanh), QuickGELU and ReLU are fused; another activation, a ``norm_layer``,
-    dropout while training, or ``use_conv`` (1×1 convolutions over NCHW) runs the PyTorch path, with
-    one warning per configuration.
+    epilogue. GELU (exact or tanh), QuickGELU, ReLU and SiLU are fused; another activation, a
+    ``norm_layer``, dropout while training, or ``use_conv`` (1×1 convolutions over NCHW) runs the
+    PyTorch path, with one warning per configuration.
 
     >>> block_mlp = Mlp(768, 3072)
     >>> y = block_mlp(torch.randn(2, 197, 768), residual=torch.randn(2, 197, 768))

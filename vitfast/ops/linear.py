@@ -17,7 +17,7 @@ from ._validate import check_float, check_same_device, check_same_dtype, check_s
 
 # Accepted spellings -> the kernel's name for the epilogue activation.
 _ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-                "relu": "relu"}
+                "relu": "relu", "silu": "silu"}
 
 _TORCH_ACTIVATIONS = {
     "none": lambda t: t,
@@ -25,6 +25,7 @@ _TORCH_ACTIVATIONS = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # as CLIP, timm, open_clip and transformers
     "relu": F.relu,
+    "silu": F.silu,
 }
 
 
@@ -137,7 +138,7 @@ def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=No
 def _activation(activation: str | None) -> str:
     if not (activation is None or isinstance(activation, str)) or activation not in _ACTIVATIONS:
         raise ValueError(
-            "activation must be one of None, 'none', 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', "
+            "activation must be one of None, 'none', 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu', "
             f"got {activation!r}"
         )
     return _ACTIVATIONS[activation]
@@ -217,11 +218,11 @@ def linear(
     """``scale * act(x @ weight.T + bias) + residual`` in one kernel, ``weight`` in ``nn.Linear`` layout.
 
     ``x`` is any [..., in] tensor; ``activation`` is None/"none", "gelu" (exact, erf), "gelu_tanh",
-    "quick_gelu" (``x * sigmoid(1.702 * x)``, OpenAI CLIP's) or "relu"; ``residual`` has the output's
-    shape [..., out]; ``scale`` [out] multiplies each output column (timm's LayerScale), any float
-    dtype and stride, applied in fp32 like the bias. The product accumulates in fp32 (TF32 for fp32
-    inputs only where ``torch.backends.cuda.matmul.allow_tf32`` allows it) and is rounded to ``x``'s
-    dtype once.
+    "quick_gelu" (``x * sigmoid(1.702 * x)``, OpenAI CLIP's), "relu" or "silu" (``x * sigmoid(x)``);
+    ``residual`` has the output's shape [..., out]; ``scale`` [out] multiplies each output column
+    (timm's LayerScale), any float dtype and stride, applied in fp32 like the bias. The product
+    accumulates in fp32 (TF32 for fp32 inputs only where ``torch.backends.cuda.matmul.allow_tf32``
+    allows it) and is rounded to ``x``'s dtype once.
     Differentiable: the backward runs on Triton kernels too, the scale's gradient included.
     float64 inputs take PyTorch (warned once).
 
