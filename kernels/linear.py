@@ -35,16 +35,20 @@ _SMEM_BYTES = 227 * 1024
 _MAX_ACC_REGS = 128
 
 
-def _hopper_configs() -> list[triton.Config]:
-    """A short list of tile shapes that do well on Hopper for ViT widths (768..4096)."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 256, 32, 4, 8), (256, 64, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 128, 64, 5, 4), (128, 128, 32, 5, 4), (64, 64, 64, 5, 4), (64, 64, 32, 5, 4),
-    ]
+def tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """GEMM configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), tiles walked in groups of 8."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=stages, num_warps=warps)
             for bm, bn, bk, stages, warps in shapes]
+
+
+def _hopper_configs() -> list[triton.Config]:
+    """A short list of tile shapes that do well on Hopper for ViT widths (768..4096)."""
+    return tile_configs([  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+        (128, 256, 32, 4, 8), (256, 64, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 128, 64, 5, 4), (128, 128, 32, 5, 4), (64, 64, 64, 5, 4), (64, 64, 32, 5, 4),
+    ])
 
 
 def _interpreter_configs() -> list[triton.Config]:
@@ -54,21 +58,33 @@ def _interpreter_configs() -> list[triton.Config]:
                           num_stages=1, num_warps=4)]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop configs that cannot fit (shared memory, registers) or that overshoot the problem."""
-    M, N, K = named_args["M"], named_args["N"], named_args["K"]
-    elem = named_args["X"].element_size()
+def prune_tiles(configs: list[triton.Config], M: int, N: int, K: int, elem: int,
+                weight_tiles: int = 1) -> list[triton.Config]:
+    """Drop configs that cannot fit (shared memory, registers) or that overshoot an M × N × K problem
+    with ``elem``-byte operands, for a kernel that pairs each X tile with ``weight_tiles`` weight tiles
+    in shared memory and keeps as many BLOCK_M × BLOCK_N fp32 accumulators in registers."""
     m_cap, n_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(N))
     k_cap = max(32, triton.next_power_of_2(K))
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (bm + bn) * bk * elem
-        acc_regs = bm * bn // (32 * c.num_warps)
+        smem = c.num_stages * (bm + weight_tiles * bn) * bk * elem
+        acc_regs = weight_tiles * bm * bn // (32 * c.num_warps)
         if smem <= _SMEM_BYTES and acc_regs <= _MAX_ACC_REGS and bm <= m_cap and bn <= n_cap and bk <= k_cap:
             kept.append(c)
     # Never empty: the smallest tile fits every problem.
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    return prune_tiles(configs, named_args["M"], named_args["N"], named_args["K"], named_args["X"].element_size())
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: "ieee" for fp32 unless PyTorch allows
+    TF32 (``torch.backends.cuda.matmul.allow_tf32``); it matters only for fp32, and "tf32" is the
+    16-bit types' default."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def _interpreting() -> bool:
@@ -145,6 +161,20 @@ def _activate_bwd(g, z, ACTIVATION: tl.constexpr):
     return g
 
 
+@triton.jit
+def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` over an M × N output: programs walk the tiles in
+    groups of GROUP_M row-tiles so that consecutive programs share W's column tiles and X's row tiles
+    in L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group_start = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - group_start, GROUP_M)
+    within = pid % per_group
+    return group_start + within % group_rows, within // group_rows
+
+
 @triton.autotune(
     configs=_interpreter_configs() if _interpreting() else _tuning.configs(_hopper_configs()),
     # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
@@ -171,19 +201,9 @@ def _linear_kernel(
     Y: [M, N] output (row stride ``stride_ym``, unit column stride).
     Z: [M, N] pre-activation X · Wᵀ + b in Y's dtype (row stride ``stride_zm``, unit column stride),
        written only when STORE_PREACT, for the backward.
-    M_BUCKET only keys the autotuner. Programs walk the tiles in groups of GROUP_M row-tiles so that
-    consecutive programs share W's column tiles and X's row tiles in L2.
+    M_BUCKET only keys the autotuner; tiles are walked as ``_tile_position`` orders them.
     """
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    group_start = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - group_start, GROUP_M)
-    within = pid % per_group
-    tile_m = group_start + within % group_rows
-    tile_n = within // group_rows
-
+    tile_m, tile_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -239,9 +259,6 @@ def linear_fwd(
     assert y.stride(1) == 1 and (z is None or z.stride(1) == 1) and activation in ACTIVATIONS
     if M == 0 or N == 0:
         return
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    # input_precision matters only for fp32 operands; "tf32" is the 16-bit types' default.
-    precision = "ieee" if x.dtype == torch.float32 and not tf32 else "tf32"
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -255,7 +272,7 @@ def linear_fwd(
         y.stride(0), z.stride(0) if z is not None else 0,
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None,
-        STORE_PREACT=z is not None, INPUT_PRECISION=precision,
+        STORE_PREACT=z is not None, INPUT_PRECISION=input_precision(x.dtype),
     )
 
 
