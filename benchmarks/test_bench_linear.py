@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from vitfast import runtime
 from vitfast.ops.linear import linear, mlp
 from vitfast.testing import assert_parity
+from _harness import time_calls
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -76,17 +76,9 @@ def test_bench_linear(benchmark, op, impl):
     benchmark.group = f"{op} " + " then ".join(f"[{m}x{k}]·[{k}x{n}]" for m, n, k in gemms) + f" {DTYPE}"
     args = _inputs()
     fn = _impl(op, impl)
-
-    def timed():
-        out = fn(**args)
-        if ON_GPU:
-            torch.cuda.synchronize()  # the kernels' time, not the launch's
-        return out
-
-    with torch.no_grad(), runtime.count_launches() as launches:
-        out = benchmark.pedantic(timed, iterations=1, **ROUNDS)
-        assert bool(launches) == (impl == "vitfast"), f"{impl} launched {launches}"
-        composite = OPS[op][1]
+    out = time_calls(benchmark, lambda: fn(**args), impl == "vitfast", ROUNDS)
+    composite = OPS[op][1]
+    with torch.no_grad():
         assert_parity(out, composite(**args), composite(**{k: v.double() for k, v in args.items()}), what=impl)
     median = benchmark.stats.stats.median
     flops = sum(2.0 * m * n * k for m, n, k in gemms)
