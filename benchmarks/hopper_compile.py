@@ -70,17 +70,23 @@ def variants() -> list[Variant]:
                        dict(pe_common, HAS_BIAS=True, HAS_CLS_POS=True, HAS_POS=True), pe_prune))
     out.append(Variant("patch_embed dweight", PE._dweight_autotuned, dict(DT=bf, X=bf, DW=f32), pe_common, pe_prune))
     out.append(Variant("patch_embed dimages", PE._dimages_autotuned, dict(DT=bf, W=bf, DX=bf), pe_common, pe_prune))
-    for d, mask_kind, kpm_kind, causal in ((64, 0, 0, False), (80, 1, 2, True), (128, 2, 1, False)):
+    # (head size, mask kind, padding-mask kind, causal, rope kind, queries): masks, RoPE (1 interleaved,
+    # 2 half, on a head size that is not a power of two) and short queries (16-row tiles).
+    for d, mask_kind, kpm_kind, causal, rope, n_q in ((64, 0, 0, False, 0, 197), (80, 1, 2, True, 0, 197),
+                                                      (128, 2, 1, False, 0, 197), (64, 0, 0, False, 1, 257),
+                                                      (80, 0, 1, True, 2, 257), (64, 0, 1, False, 0, 1)):
         mask_t = {0: f32, 1: "u8", 2: bf}[mask_kind]
         kpm_t = {0: f32, 1: "u8", 2: bf}[kpm_kind]
-        consts = dict(HEAD_DIM=d, MASK_KIND=mask_kind, KPM_KIND=kpm_kind, IS_CAUSAL=causal,
+        consts = dict(HEAD_DIM=d, MASK_KIND=mask_kind, KPM_KIND=kpm_kind, IS_CAUSAL=causal, ROPE=rope,
                       BLOCK_D=1 << (d - 1).bit_length())
-        prune = dict(N_CTX=197, HEAD_DIM=d, Q=torch.empty(0, dtype=torch.bfloat16))
-        label = f"d={d} mask={mask_kind} kpm={kpm_kind}{' causal' if causal else ''}"
+        prune = dict(N_Q=n_q, N_KV=n_q if rope else 197, HEAD_DIM=d, Q=torch.empty(0, dtype=torch.bfloat16))
+        label = (f"d={d} mask={mask_kind} kpm={kpm_kind}{' causal' if causal else ''}"
+                 f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}")
         out.append(Variant(f"attention fwd {label}", A._fwd_autotuned,
-                           dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t), consts, prune,
+                           dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t, TAB=f32), consts, prune,
                            floats=("qk_scale",)))
-        bwd = dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DQ=bf, MASK=mask_t, KPM=kpm_t)
+        bwd = dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DQ=bf, MASK=mask_t, KPM=kpm_t,
+                   TAB=f32)
         out.append(Variant(f"attention bwd dK/dV {label}", A._dkdv_autotuned, bwd, consts, prune,
                            floats=("qk_scale", "sm_scale")))
         out.append(Variant(f"attention bwd dQ {label}", A._dq_autotuned, bwd, consts, prune,

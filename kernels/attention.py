@@ -14,17 +14,29 @@ dQ gets its own kernel rather than fp32 atomics from launch 2: each gradient ele
 by one program, so the backward is deterministic (bit-identical run to run) and needs no zeroed
 fp32 scratch buffer, for the price of recomputing S and dP a second time.
 
-Q, K, V, O and their gradients are [B, H, N, d] views with unit last stride and any other strides.
-The op passes views of the packed in-projection output [B, N, 3·H·d] (no permute, no copy) and of
-its gradient, or SDPA-layout tensors.
+Q, O, dQ and dO are [B, H, N_Q, d] views and K, V, dK, dV [B, H, N_KV, d] views, with unit last
+stride and any other strides (a query broadcast over the batch with stride 0 is read in place). The
+op passes views of the packed in-projection output [B, N, 3·H·d] (no permute, no copy) and of its
+gradient, or SDPA-layout tensors. N_Q may differ from N_KV (cross-attention; attention pooling's
+1..4 learned queries over every token): causal masking is then SDPA's top-left one (query i sees
+keys 0..i), and when N_Q fits 16 rows the autotuner keeps only 16-row query tiles, so one query
+does not fill a 128-row tile with padding.
+
+Rotary position embedding (``_rope.py``, timm's 2-D RoPE, N_Q = N_KV): with ROPE set, every kernel
+rotates the q and k tiles as it loads them (partner columns through permuted indices, sin | cos
+rows of the table), so no rotated copy exists; the backward kernels take their gradients with
+respect to the rotated q and k back through the rotation before the store.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _tuning
+from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate  # noqa: F401  (kinds re-exported)
 
 # Head sizes the kernel tiles (padded to the next power of two with masks); others fall back.
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
@@ -50,28 +62,28 @@ def _masked_scores(s, ptrs, valid, KIND: tl.constexpr):
 
 
 @triton.jit
-def _mask_tile(s, qi, kj, N_CTX, MASK, KPM, stride_mm, stride_mn, stride_pn,
+def _mask_tile(s, qi, kj, N_Q, N_KV, MASK, KPM, stride_mm, stride_mn, stride_pn,
                MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """Every mask on a tile of scores ``s`` (log2 units), in either orientation: ``qi`` and ``kj``
     are the query and key indices as broadcastable 2-D arrays ([M, 1] and [1, N], or transposed).
-    MASK and KPM point at this (batch, head)'s mask and this batch's padding row. Keys past N_CTX
-    get -inf, so padded tile columns carry no probability."""
-    key_ok = kj < N_CTX
+    MASK and KPM point at this (batch, head)'s mask and this batch's padding row. Keys past N_KV
+    get -inf, so padded tile columns carry no probability; causal is top-left (key j <= query i)."""
+    key_ok = kj < N_KV
     s = tl.where(key_ok, s, float("-inf"))
     if IS_CAUSAL:
         s = tl.where(kj <= qi, s, float("-inf"))
     kj64 = kj.to(tl.int64)  # a transposed or sliced mask's strides can be large
     s = _masked_scores(s, KPM + kj64 * stride_pn, key_ok, KPM_KIND)
-    s = _masked_scores(s, MASK + qi.to(tl.int64) * stride_mm + kj64 * stride_mn, (qi < N_CTX) & key_ok, MASK_KIND)
+    s = _masked_scores(s, MASK + qi.to(tl.int64) * stride_mm + kj64 * stride_mn, (qi < N_Q) & key_ok, MASK_KIND)
     return s
 
 
 @triton.jit
-def _tile_program(N_CTX, H, BLOCK: tl.constexpr):
+def _tile_program(N, H, BLOCK: tl.constexpr):
     """This program's BLOCK-token tile and its (batch·head, batch, head); consecutive programs share
     a (batch, head), so the tiles they stream stay in L2."""
     pid = tl.program_id(0)
-    tiles = tl.cdiv(N_CTX, BLOCK)
+    tiles = tl.cdiv(N, BLOCK)
     bh = pid // tiles
     return pid % tiles, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
 
@@ -83,53 +95,60 @@ def _tile_ptrs(BASE, b, h, stride_b, stride_h, stride_n, tokens, dims):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, bh, rows, N_CTX):
+def _row_stats(LSE, DELTA, bh, rows, N_Q):
     """The forward's log-sum-exp (in log2 units) and Δ of query ``rows``; a padded row reads
     lse = +inf, so its P, and every product it enters, is exactly 0."""
-    offs = bh.to(tl.int64) * N_CTX + rows
-    lse = tl.load(LSE + offs, mask=rows < N_CTX, other=float("inf")) * _LOG2E
-    return lse, tl.load(DELTA + offs, mask=rows < N_CTX, other=0.0)
+    offs = bh.to(tl.int64) * N_Q + rows
+    lse = tl.load(LSE + offs, mask=rows < N_Q, other=float("inf")) * _LOG2E
+    return lse, tl.load(DELTA + offs, mask=rows < N_Q, other=0.0)
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM,
+    Q, K, V, O, LSE, MASK, KPM, TAB,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
-    H, N_CTX, qk_scale,
+    stride_rb, stride_rh, stride_rn,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """softmax(scale · Q Kᵀ + masks) V for BLOCK_M query rows of one (batch, head).
 
-    Q, K, V: [B, H, N, HEAD_DIM] inputs (strides ``stride_{q,k,v}{b,h,n}``, unit last stride), one
-       float dtype; typically three views into the packed [B, N, 3·H·HEAD_DIM] projection.
-    O: [B, H, N, HEAD_DIM] output in the dtype of Q (strides ``stride_o*``; the op passes a view of
-       a contiguous [B, N, H·HEAD_DIM] buffer or a contiguous [B, H, N, HEAD_DIM] one).
-    LSE: [B, H, N] contiguous fp32, natural-log log-sum-exp of each row's masked, scaled scores;
+    Q: [B, H, N_Q, HEAD_DIM]; K, V: [B, H, N_KV, HEAD_DIM] inputs (strides ``stride_{q,k,v}{b,h,n}``,
+       unit last stride), one float dtype; typically three views into the packed
+       [B, N, 3·H·HEAD_DIM] projection.
+    O: [B, H, N_Q, HEAD_DIM] output in the dtype of Q (strides ``stride_o*``; the op passes a view
+       of a contiguous [B, N_Q, H·HEAD_DIM] buffer or a contiguous [B, H, N_Q, HEAD_DIM] one).
+    LSE: [B, H, N_Q] contiguous fp32, natural-log log-sum-exp of each row's masked, scaled scores;
        +inf for a row with no allowed key, so that exp(s - lse) recomputes p = 0 there.
     MASK: attention mask indexed [b, h, query, key] through ``stride_m*`` (stride 0 broadcasts),
        uint8 (nonzero = not allowed, nn.MultiheadAttention's convention) or float (added to the
        scaled scores) by MASK_KIND; unread when NO_MASK.
     KPM: key padding mask indexed [b, key] through ``stride_p*``, same kinds by KPM_KIND.
+    TAB: rotary table [b, h, token - ROPE_PREFIX, sin | cos] through ``stride_r*`` (unit last
+       stride, stride 0 broadcasts), any float dtype; read when ROPE (then N_Q = N_KV) to rotate
+       q and k as they load. Unread when NO_ROPE.
     qk_scale: softmax scale times log2(e); scores live in log2 units so the kernel uses exp2.
-    Fuses the scale, the masks, causal masking, the softmax and both products; a row whose keys
-    are all masked yields zeros.
+    Fuses the rotation, the scale, the masks, causal masking, the softmax and both products; a row
+    whose keys are all masked yields zeros.
     """
-    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
+    pid_m, bh, b, h = _tile_program(N_Q, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N_CTX
+    row_ok = rows < N_Q
     dim_ok = dims < HEAD_DIM
     qd_ok = row_ok[:, None] & dim_ok[None, :]
+    tab = TAB + b * stride_rb + h * stride_rh
 
-    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+    q = load_rotated(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), qd_ok,
+                     tab, rows, N_Q, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
     # Tile pointers start at key 0 and advance by BLOCK_N rows.
     k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, cols, dims)
     v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, cols, dims)
@@ -142,15 +161,15 @@ def _attention_fwd_kernel(
 
     # Causal rows never see keys past their own index: stop after this tile's diagonal.
     if IS_CAUSAL:
-        hi = tl.minimum(N_CTX, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(N_KV, (pid_m + 1) * BLOCK_M)
     else:
-        hi = N_CTX
+        hi = N_KV
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + cols
-        key_ok = keys < N_CTX
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        kd_ok = (keys < N_KV)[:, None] & dim_ok[None, :]
+        k = load_rotated(k_ptrs, kd_ok, tab, keys, N_KV, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s = _mask_tile(s, rows[:, None], keys[None, :], N_CTX, mask_base, kpm_base,
+        s = _mask_tile(s, rows[:, None], keys[None, :], N_Q, N_KV, mask_base, kpm_base,
                        stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -159,7 +178,7 @@ def _attention_fwd_kernel(
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
@@ -172,7 +191,7 @@ def _attention_fwd_kernel(
     tl.store(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, dims), out.to(O.dtype.element_ty),
              mask=qd_ok)
     lse = tl.where(alive, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))
-    tl.store(LSE + bh.to(tl.int64) * N_CTX + rows, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -180,25 +199,25 @@ def _attention_bwd_delta_kernel(
     O, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_on,
     stride_db, stride_dh, stride_dn,
-    H, N_CTX,
+    H, N_Q,
     HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Δ = rowsum(dO ⊙ O) − dlse for BLOCK_M query rows of one (batch, head).
 
-    O, DO: [B, H, N, HEAD_DIM] forward output and its gradient (unit last stride, any other strides).
-    DLSE: [B, H, N] contiguous fp32 gradient of the log-sum-exp output, read when HAS_DLSE
+    O, DO: [B, H, N_Q, HEAD_DIM] forward output and its gradient (unit last stride, any other strides).
+    DLSE: [B, H, N_Q] contiguous fp32 gradient of the log-sum-exp output, read when HAS_DLSE
        (d lse / d s = P, so it folds into Δ: dS = P ⊙ (dP − Δ)).
-    DELTA: [B, H, N] contiguous fp32 output.
+    DELTA: [B, H, N_Q] contiguous fp32 output.
     """
-    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
+    pid_m, bh, b, h = _tile_program(N_Q, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N_CTX
+    row_ok = rows < N_Q
     ok = row_ok[:, None] & (dims < HEAD_DIM)[None, :]
     o = tl.load(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, dims), mask=ok, other=0.0)
     do = tl.load(_tile_ptrs(DO, b, h, stride_db, stride_dh, stride_dn, rows, dims), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    row_ptr = bh.to(tl.int64) * N_CTX + rows
+    row_ptr = bh.to(tl.int64) * N_Q + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + row_ptr, mask=row_ok, other=0.0)
     tl.store(DELTA + row_ptr, delta, mask=row_ok)
@@ -206,7 +225,7 @@ def _attention_bwd_delta_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, TAB,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -215,28 +234,33 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
-    H, N_CTX, qk_scale, sm_scale,
+    stride_rb, stride_rh, stride_rn,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV for BLOCK_N keys of one (batch, head), streaming BLOCK_M-row query tiles.
 
-    Q, K, V, DO: [B, H, N, HEAD_DIM] forward inputs and output gradient, one float dtype (unit last
-       stride, strides ``stride_{q,k,v,do}*``).
-    LSE: [B, H, N] contiguous fp32 log-sum-exp from the forward (+inf for a row with no allowed
-       key, so its P and hence its contribution is exactly 0). DELTA: [B, H, N] contiguous fp32 Δ.
-    DK, DV: [B, H, N, HEAD_DIM] outputs in the dtype of Q (strides ``stride_{dk,dv}*``; the op
+    Q, DO: [B, H, N_Q, HEAD_DIM]; K, V: [B, H, N_KV, HEAD_DIM]: forward inputs and output gradient,
+       one float dtype (unit last stride, strides ``stride_{q,k,v,do}*``).
+    LSE: [B, H, N_Q] contiguous fp32 log-sum-exp from the forward (+inf for a row with no allowed
+       key, so its P and hence its contribution is exactly 0). DELTA: [B, H, N_Q] contiguous fp32 Δ.
+    DK, DV: [B, H, N_KV, HEAD_DIM] outputs in the dtype of Q (strides ``stride_{dk,dv}*``; the op
        passes views of the packed gradient [B, N, 3·H·HEAD_DIM] or contiguous tensors).
-    MASK, KPM, qk_scale: as in the forward; sm_scale is the softmax scale itself.
+    MASK, KPM, TAB, qk_scale: as in the forward; sm_scale is the softmax scale itself. With ROPE,
+       q and k are rotated as they load and dK, taken with respect to the rotated k, is rotated
+       back (the transpose) before the store.
     Works on the transposed tile Sᵀ (keys × queries) so that Pᵀ and dSᵀ feed the dots directly.
     """
-    pid_n, bh, b, h = _tile_program(N_CTX, H, BLOCK_N)
+    pid_n, bh, b, h = _tile_program(N_KV, H, BLOCK_N)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    kd_ok = (keys < N_CTX)[:, None] & dim_ok[None, :]
-    k = tl.load(_tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, keys, dims), mask=kd_ok, other=0.0)
+    kd_ok = (keys < N_KV)[:, None] & dim_ok[None, :]
+    tab = TAB + b * stride_rb + h * stride_rh
+    k = load_rotated(_tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, keys, dims), kd_ok,
+                     tab, keys, N_KV, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
     v = tl.load(_tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, keys, dims), mask=kd_ok, other=0.0)
     mask_base = MASK + b * stride_mb + h * stride_mh
     kpm_base = KPM + b * stride_pb
@@ -248,16 +272,16 @@ def _attention_bwd_dkdv_kernel(
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
     else:
         lo = 0
-    for start_m in range(lo, N_CTX, BLOCK_M):
+    for start_m in range(lo, N_Q, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < N_CTX
-        qd_ok = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+        qd_ok = (rows < N_Q)[:, None] & dim_ok[None, :]
+        q = load_rotated(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), qd_ok,
+                         tab, rows, N_Q, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
         do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, dims), mask=qd_ok, other=0.0)
-        lse, delta = _row_stats(LSE, DELTA, bh, rows, N_CTX)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, N_Q)
 
         st = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-        st = _mask_tile(st, rows[None, :], keys[:, None], N_CTX, mask_base, kpm_base,
+        st = _mask_tile(st, rows[None, :], keys[:, None], N_Q, N_KV, mask_base, kpm_base,
                         stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
         pt = tl.math.exp2(st - lse[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
@@ -265,7 +289,7 @@ def _attention_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
 
-    dk *= sm_scale
+    dk = unrotate(dk * sm_scale, tab, keys, N_KV, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
     tl.store(_tile_ptrs(DK, b, h, stride_dkb, stride_dkh, stride_dkn, keys, dims), dk.to(DK.dtype.element_ty),
              mask=kd_ok)
     tl.store(_tile_ptrs(DV, b, h, stride_dvb, stride_dvh, stride_dvn, keys, dims), dv.to(DV.dtype.element_ty),
@@ -274,7 +298,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, TAB,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -282,24 +306,27 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
-    H, N_CTX, qk_scale, sm_scale,
+    stride_rb, stride_rh, stride_rn,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ = scale · (P ⊙ (dO Vᵀ − Δ)) K for BLOCK_M query rows of one (batch, head), streaming
-    BLOCK_N-row key tiles. Pointers as in ``_attention_bwd_dkdv_kernel``; DQ: [B, H, N, HEAD_DIM]
-    output in the dtype of Q (strides ``stride_dq*``)."""
-    pid_m, bh, b, h = _tile_program(N_CTX, H, BLOCK_M)
+    BLOCK_N-row key tiles. Pointers as in ``_attention_bwd_dkdv_kernel``; DQ: [B, H, N_Q, HEAD_DIM]
+    output in the dtype of Q (strides ``stride_dq*``), rotated back from the gradient with respect
+    to the rotated q when ROPE."""
+    pid_m, bh, b, h = _tile_program(N_Q, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < N_CTX
     dim_ok = dims < HEAD_DIM
-    qd_ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), mask=qd_ok, other=0.0)
+    qd_ok = (rows < N_Q)[:, None] & dim_ok[None, :]
+    tab = TAB + b * stride_rb + h * stride_rh
+    q = load_rotated(_tile_ptrs(Q, b, h, stride_qb, stride_qh, stride_qn, rows, dims), qd_ok,
+                     tab, rows, N_Q, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
     do = tl.load(_tile_ptrs(DO, b, h, stride_dob, stride_doh, stride_don, rows, dims), mask=qd_ok, other=0.0)
-    lse, delta = _row_stats(LSE, DELTA, bh, rows, N_CTX)
+    lse, delta = _row_stats(LSE, DELTA, bh, rows, N_Q)
     k_ptrs = _tile_ptrs(K, b, h, stride_kb, stride_kh, stride_kn, cols, dims)
     v_ptrs = _tile_ptrs(V, b, h, stride_vb, stride_vh, stride_vn, cols, dims)
     mask_base = MASK + b * stride_mb + h * stride_mh
@@ -307,16 +334,16 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if IS_CAUSAL:
-        hi = tl.minimum(N_CTX, (pid_m + 1) * BLOCK_M)
+        hi = tl.minimum(N_KV, (pid_m + 1) * BLOCK_M)
     else:
-        hi = N_CTX
+        hi = N_KV
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + cols
-        kd_ok = (keys < N_CTX)[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptrs, mask=kd_ok, other=0.0)
+        kd_ok = (keys < N_KV)[:, None] & dim_ok[None, :]
+        k = load_rotated(k_ptrs, kd_ok, tab, keys, N_KV, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
         v = tl.load(v_ptrs, mask=kd_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s = _mask_tile(s, rows[:, None], keys[None, :], N_CTX, mask_base, kpm_base,
+        s = _mask_tile(s, rows[:, None], keys[None, :], N_Q, N_KV, mask_base, kpm_base,
                        stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -325,7 +352,7 @@ def _attention_bwd_dq_kernel(
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
-    dq *= sm_scale
+    dq = unrotate(dq * sm_scale, tab, rows, N_Q, ROPE_PREFIX, stride_rn, dims, HEAD_DIM, ROPE)
     tl.store(_tile_ptrs(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, rows, dims), dq.to(DQ.dtype.element_ty),
              mask=qd_ok)
 
@@ -335,25 +362,43 @@ def _attention_bwd_dq_kernel(
 
 _SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
 
-# One small tile under the interpreter keeps CPU tests fast and deterministic, and N = 65 still
-# spans three tiles in both directions.
-_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+# Queries that fit this many rows take 16-row query tiles (tl.dot's smallest M) and nothing else:
+# attention pooling's 1..4 learned queries would otherwise fill a 64- or 128-row tile with padding.
+SHORT_QUERIES = 16
 
 
-def _hopper_configs(shapes) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+def _interpreter_config(n_q: int) -> dict:
+    """One small tile under the interpreter keeps CPU tests fast and deterministic (N = 65 still
+    spans three tiles in both directions); short queries take the 16-row tile, as on the GPU."""
+    return dict(BLOCK_M=SHORT_QUERIES if n_q <= SHORT_QUERIES else 32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _hopper_configs(shapes, short_shapes) -> list[triton.Config]:
+    """The configs for longer queries, then those for short ones (BLOCK_M = SHORT_QUERIES), each list
+    cut by ``_tuning`` on its own so that the pruner always has one of each to choose from."""
+    def make(tiles):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+    assert all(t[0] > SHORT_QUERIES for t in shapes) and all(t[0] == SHORT_QUERIES for t in short_shapes)
+    return _tuning.configs(make(shapes)) + _tuning.configs(make(short_shapes))
 
 
 def _pruner(resident: str, operands: int, accumulators: int, max_acc: int):
     """An early pruner for a kernel that keeps ``operands`` [rows, d] tiles of ``resident`` rows
     (BLOCK_M or BLOCK_N) and ``accumulators`` fp32 [rows, d] sums for its whole life, and streams
-    two [rows, d] tiles of the other size through a ``num_stages`` pipeline: drops configs whose
-    shared memory overflows or whose accumulators exceed ``max_acc`` registers per thread."""
+    two [rows, d] tiles of the other size through a ``num_stages`` pipeline: keeps the 16-row query
+    tiles exactly when N_Q fits one, then drops configs whose shared memory overflows or whose
+    accumulators exceed ``max_acc`` registers per thread. With ROPE the partner columns and the
+    table rows are pipelined too; the estimate counts two streamed tiles per stage, which covers
+    that for head sizes up to 64, and the few larger configs it lets through that overflow (4 stages
+    at BLOCK_D = 128) fail to compile and the autotuner skips them."""
     streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
 
     def prune(configs, named_args, **kwargs):
-        elem = named_args["Q"].element_size()
-        block_d = triton.next_power_of_2(named_args["HEAD_DIM"])
+        args = {**named_args, **kwargs}  # the constexprs (HEAD_DIM) arrive as keyword arguments
+        elem = args["Q"].element_size()
+        block_d = triton.next_power_of_2(args["HEAD_DIM"])
+        short = args["N_Q"] <= SHORT_QUERIES
+        configs = [c for c in configs if (c.kwargs["BLOCK_M"] == SHORT_QUERIES) == short] or configs
         fit = [c for c in configs
                if (operands * c.kwargs[resident] + 2 * c.num_stages * c.kwargs[streamed]) * block_d * elem
                <= _SMEM_BYTES
@@ -362,39 +407,43 @@ def _pruner(resident: str, operands: int, accumulators: int, max_acc: int):
     return prune
 
 
-_KEY = ["N_CTX", "HEAD_DIM"]  # the autotuner adds the argument dtypes by itself
+# The autotuner adds the argument dtypes (the rotary table's among them) by itself.
+_KEY = ["N_Q", "N_KV", "HEAD_DIM", "ROPE"]
 _fwd_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
-                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)])),
+    configs=_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)],
+                            [(16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 4, 2)]),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 1, 1, 64)},
 )(_attention_fwd_kernel)
 # dK/dV keep a key tile resident and stream narrower query tiles; dQ the other way round.
 _dkdv_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
-                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)])),
+    configs=_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
+                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
+                            [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 2)]),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, 2, 128)},
 )(_attention_bwd_dkdv_kernel)
 _dq_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
-                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)])),
+    configs=_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
+                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
+                            [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 4, 2), (16, 256, 4, 2)]),
     key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, 1, 128)},
 )(_attention_bwd_dq_kernel)
 
 
 def _launch(kernel, autotuned, on_gpu: bool, tile: str, n: int, programs_per_tile: int,
-            args: tuple, meta: dict) -> None:
+            args: tuple, meta: dict, n_q: int) -> None:
     """Launch cdiv(n, tile) · programs_per_tile programs: the autotuned variant on the GPU, the
-    interpreter's fixed tile on CPU tensors."""
+    interpreter's fixed tile for ``n_q`` queries on CPU tensors."""
     if on_gpu:
         autotuned[lambda m: (triton.cdiv(n, m[tile]) * programs_per_tile,)](*args, **meta)
     else:  # CPU tensors reach a kernel only under Triton's interpreter
-        cfg = _INTERPRETER_CONFIG
+        cfg = _interpreter_config(n_q)
         kernel[(triton.cdiv(n, cfg[tile]) * programs_per_tile,)](*args, **meta, **cfg)
 
 
 def _mask_strides(mask: torch.Tensor | None, heads: int) -> tuple[int, int, int, int]:
-    """(batch, head, query, key) strides of an [N, N], [B·H, N, N] or 4-D [B or 1, H or 1, N, N]
-    mask; 0 broadcasts."""
+    """(batch, head, query, key) strides of an [N_Q, N_KV], [B·H, N_Q, N_KV] or 4-D
+    [B or 1, H or 1, N_Q, N_KV] mask; 0 broadcasts."""
     if mask is None:
         return 0, 0, 0, 0
     if mask.dim() == 2:
@@ -423,6 +472,27 @@ def _mask_args(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | 
     return pointers + strides, dict(MASK_KIND=mask_kind, KPM_KIND=kpm_kind)
 
 
+class Rope(NamedTuple):
+    """A rotary table as the kernels read it: ``table`` [.., N - prefix, 2·d] (sin | cos, unit last
+    stride) broadcastable to [B, H, N - prefix, 2·d]; ``prefix`` leading tokens stay unrotated;
+    ``half`` pairs column j with j ± d/2 (``rope_rotate_half``) instead of 2i with 2i+1 (``rot``)."""
+    table: torch.Tensor
+    prefix: int
+    half: bool
+
+
+def _rope_args(rope: Rope | None, dummy: torch.Tensor) -> tuple[tuple, int, dict]:
+    """Kernel arguments for the rotary table: (pointer, batch, head and token strides, 0 for a
+    broadcast dimension), the prefix, and the ROPE constexpr."""
+    if rope is None:
+        return (dummy, 0, 0, 0), 0, dict(ROPE=NO_ROPE)
+    t = rope.table
+    assert t.dim() in (2, 3, 4) and t.stride(-1) == 1
+    lead = [0 if size == 1 else stride for size, stride in zip(t.shape[:-2], t.stride()[:-2])]
+    strides = ([0, 0] + lead)[-2:]
+    return (t, *strides, t.stride(-2)), rope.prefix, dict(ROPE=ROPE_HALF if rope.half else ROPE_INTERLEAVED)
+
+
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     """(batch, head, token) strides of each [B, H, N, d] view, in order."""
     return tuple(s for t in tensors for s in t.stride()[:3])
@@ -443,20 +513,26 @@ def attention_fwd(
     attn_mask: torch.Tensor | None,
     scale: float,
     is_causal: bool,
+    rope: Rope | None = None,
 ) -> None:
-    """Launch over [B, H, N, d] views q, k, v, o (unit last stride; the op guarantees it) and a
-    contiguous fp32 lse [B, H, N]. Masks: ``key_padding_mask`` [B, N], ``attn_mask`` [N, N] or
-    [B·H, N, N], bool (True = not allowed) or float (additive)."""
-    B, H, N, d = q.shape
-    _check_views(B, H, N, d, q, k, v, o)
-    assert lse.shape == (B, H, N) and lse.is_contiguous()
-    if B * H * N == 0:
+    """Launch over [B, H, N_Q, d] views q, o, [B, H, N_KV, d] views k, v (unit last stride; the op
+    guarantees it) and a contiguous fp32 lse [B, H, N_Q]. Masks: ``key_padding_mask`` [B, N_KV],
+    ``attn_mask`` [N_Q, N_KV], [B·H, N_Q, N_KV] or 4-D, bool (True = not allowed) or float
+    (additive). ``rope``: rotate q and k as they load (N_Q = N_KV)."""
+    B, H, N_Q, d = q.shape
+    N_KV = k.shape[2]
+    _check_views(B, H, N_Q, d, q, o)
+    _check_views(B, H, N_KV, d, k, v)
+    assert lse.shape == (B, H, N_Q) and lse.is_contiguous()
+    assert rope is None or N_Q == N_KV
+    if B * H * N_Q == 0:
         return
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
-    args = (q, k, v, o, lse, *mask_args[:2], *_strides(q, k, v, o), *mask_args[2:],
-            H, N, scale * 1.4426950408889634)
-    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta)
-    _launch(_attention_fwd_kernel, _fwd_autotuned, q.is_cuda, "BLOCK_M", N, B * H, args, meta)
+    rope_args, prefix, rope_meta = _rope_args(rope, lse)
+    args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], *_strides(q, k, v, o), *mask_args[2:], *rope_args[1:],
+            H, N_Q, N_KV, prefix, scale * 1.4426950408889634)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta)
+    _launch(_attention_fwd_kernel, _fwd_autotuned, q.is_cuda, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
 
 
 def attention_bwd(
@@ -474,29 +550,39 @@ def attention_bwd(
     attn_mask: torch.Tensor | None,
     scale: float,
     is_causal: bool,
+    rope: Rope | None = None,
 ) -> None:
-    """Gradients of ``attention_fwd`` into the [B, H, N, d] views dq, dk, dv (unit last stride, any
-    other strides, e.g. three views of one packed [B, N, 3·H·d] buffer). q, k, v, o, do: [B, H, N, d]
-    views with unit last stride; lse: the forward's contiguous fp32 [B, H, N]; dlse: None or the
-    contiguous fp32 [B, H, N] gradient of lse. Masks, scale and causality as in the forward."""
-    B, H, N, d = q.shape
-    _check_views(B, H, N, d, q, k, v, o, do, dq, dk, dv)
+    """Gradients of ``attention_fwd`` into the [B, H, N_Q, d] view dq and the [B, H, N_KV, d] views
+    dk, dv (unit last stride, any other strides, e.g. three views of one packed [B, N, 3·H·d]
+    buffer); with ``rope``, with respect to q and k as stored (before the rotation). q, o, do:
+    [B, H, N_Q, d] and k, v: [B, H, N_KV, d] views with unit last stride; lse: the forward's
+    contiguous fp32 [B, H, N_Q]; dlse: None or the contiguous fp32 [B, H, N_Q] gradient of lse.
+    Masks, scale, causality and rope as in the forward."""
+    B, H, N_Q, d = q.shape
+    N_KV = k.shape[2]
+    _check_views(B, H, N_Q, d, q, o, do, dq)
+    _check_views(B, H, N_KV, d, k, v, dk, dv)
     for t in (lse, dlse):
-        assert t is None or (t.shape == (B, H, N) and t.is_contiguous() and t.dtype == torch.float32)
-    if B * H * N == 0:
+        assert t is None or (t.shape == (B, H, N_Q) and t.is_contiguous() and t.dtype == torch.float32)
+    assert rope is None or N_Q == N_KV
+    if B * H * N_Q * N_KV == 0:  # no score exists: every gradient is zero
+        for t in (dq, dk, dv):
+            t.zero_()
         return
     block_d = triton.next_power_of_2(d)
     delta = torch.empty_like(lse)
     delta_rows = 64
-    _attention_bwd_delta_kernel[(triton.cdiv(N, delta_rows) * B * H,)](
-        o, do, lse if dlse is None else dlse, delta, *_strides(o, do), H, N,
+    _attention_bwd_delta_kernel[(triton.cdiv(N_Q, delta_rows) * B * H,)](
+        o, do, lse if dlse is None else dlse, delta, *_strides(o, do), H, N_Q,
         HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=delta_rows, BLOCK_D=block_d)
 
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
-    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=block_d, **mask_meta)
-    scales = (H, N, scale * 1.4426950408889634, scale)
-    args = (q, k, v, do, lse, delta, dk, dv, *mask_args[:2], *_strides(q, k, v, do, dk, dv), *mask_args[2:],
-            *scales)
-    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, q.is_cuda, "BLOCK_N", N, B * H, args, meta)
-    args = (q, k, v, do, lse, delta, dq, *mask_args[:2], *_strides(q, k, v, do, dq), *mask_args[2:], *scales)
-    _launch(_attention_bwd_dq_kernel, _dq_autotuned, q.is_cuda, "BLOCK_M", N, B * H, args, meta)
+    rope_args, prefix, rope_meta = _rope_args(rope, lse)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=block_d, **mask_meta, **rope_meta)
+    scalars = (H, N_Q, N_KV, prefix, scale * 1.4426950408889634, scale)
+    pointers = (*mask_args[:2], rope_args[0])
+    strides = (*mask_args[2:], *rope_args[1:])
+    args = (q, k, v, do, lse, delta, dk, dv, *pointers, *_strides(q, k, v, do, dk, dv), *strides, *scalars)
+    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, q.is_cuda, "BLOCK_N", N_KV, B * H, args, meta, N_Q)
+    args = (q, k, v, do, lse, delta, dq, *pointers, *_strides(q, k, v, do, dq), *strides, *scalars)
+    _launch(_attention_bwd_dq_kernel, _dq_autotuned, q.is_cuda, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
