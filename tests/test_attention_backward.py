@@ -14,26 +14,28 @@ KERNELS = {"attention": 1, "attention_bwd": 1}
 
 
 def _grads(fn, inputs, dtype, grad_out=None):
-    """Gradients of ``fn(*inputs, dtype)`` wrt ``inputs`` (cast to ``dtype``, strides kept) for the
-    upstream gradient ``grad_out``, a fresh one when None; returns both."""
+    """``fn(*inputs, dtype)`` and its gradients wrt ``inputs`` (cast to ``dtype``, strides kept) for
+    the upstream gradient ``grad_out``, a fresh one when None; returns all three."""
     xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
     y = fn(*xs, dtype)
     if grad_out is None:
         grad_out = torch.randn_like(y)
-    return torch.autograd.grad(y, xs, grad_out.to(dtype)), grad_out
+    return y.detach(), torch.autograd.grad(y, xs, grad_out.to(dtype)), grad_out
 
 
 def _check_grads(fast, torch_fn, inputs, dtype, what="", launches=KERNELS):
-    """Three-way parity of the input gradients: vitfast (``fast``, outputs poisoned, running exactly
-    ``launches``), PyTorch's ``torch_fn`` in ``dtype`` and in float64, one upstream gradient for all."""
+    """Three-way parity of the output and of the input gradients: vitfast (``fast``, outputs
+    poisoned, running exactly ``launches``), PyTorch's ``torch_fn`` in ``dtype`` and in float64, one
+    upstream gradient for all. Returns vitfast's gradients."""
     if launches:
         require_triton_path()
     with runtime.count_launches() as counts, runtime.poison_outputs():
-        out, grad_out = _grads(fast, inputs, dtype)
+        y, out, grad_out = _grads(fast, inputs, dtype)
     assert counts == launches, counts
-    pt, _ = _grads(torch_fn, inputs, dtype, grad_out)
-    ref, _ = _grads(torch_fn, inputs, torch.float64, grad_out)
-    assert_parity(out, pt, ref, what=what)
+    y_pt, pt, _ = _grads(torch_fn, inputs, dtype, grad_out)
+    y_ref, ref, _ = _grads(torch_fn, inputs, torch.float64, grad_out)
+    assert_parity(y, y_pt, y_ref, what=f"{what} output")
+    assert_parity(out, pt, ref, what=f"{what} gradients")
     return out
 
 
