@@ -339,7 +339,7 @@ def test_attention_custom_op_registration():
          "attn_mask is on meta but qkv is on cpu"),
         (lambda x: attention(x, 2, scale=math.nan), ValueError, "scale must be a finite number or None"),
         (lambda x: attention_qkv(*_split(x, 2)[:2], _split(x, 2)[2][:, :, :9]), ValueError,
-         "v has shape (2, 2, 9, 32) but q has shape (2, 2, 17, 32)"),
+         "v has shape (2, 2, 9, 32) but k has shape (2, 2, 17, 32)"),
         (lambda x: attention_qkv(*_split(x, 2)[:2], _split(x, 2)[2].half()), TypeError,
          "v has dtype torch.float16 but q has dtype torch.float32"),
         (lambda x: attention_qkv(x, x, x), ValueError, "q must be 4-D"),

@@ -1,22 +1,41 @@
 """``attention`` and ``attention_qkv``: softmax(scale · Q Kᵀ + masks) V in one fused kernel.
 
+``attention`` is self-attention over the packed in-projection output; ``attention_qkv`` takes q, k
+and v apart and lets the number of queries N_Q differ from the number of keys N_KV
+(cross-attention; attention pooling, SigLIP's MAP head: 1..4 learned queries over every token,
+the query broadcast over the batch with ``expand`` and read in place).
+
 Mask convention (both entries): nn.MultiheadAttention's, not SDPA's.
 
-* ``key_padding_mask`` [B, N]: bool, True = ignore that key; or float, added to the scores.
-* ``attn_mask`` [N, N], [B·heads, N, N] (batch-major, as nn.MultiheadAttention stacks it) or 4-D,
-  broadcastable to [B, heads, N, N] (as Hugging Face passes it, [B, 1, N, N]): bool, True = NOT
-  allowed (``F.scaled_dot_product_attention``'s bool mask means the opposite); or float, added to
-  the scaled scores.
-* ``is_causal``: query i attends to keys 0..i; combines with the masks.
+* ``key_padding_mask`` [B, N_KV]: bool, True = ignore that key; or float, added to the scores.
+* ``attn_mask`` [N_Q, N_KV], [B·heads, N_Q, N_KV] (batch-major, as nn.MultiheadAttention stacks it)
+  or 4-D, broadcastable to [B, heads, N_Q, N_KV] (as Hugging Face passes it, [B, 1, N, N]): bool,
+  True = NOT allowed (``F.scaled_dot_product_attention``'s bool mask means the opposite); or
+  float, added to the scaled scores.
+* ``is_causal``: query i attends to keys 0..i (SDPA's top-left alignment when N_Q != N_KV);
+  combines with the masks.
 
 A query row with no allowed key (every key masked) gives zeros, never NaN (recent SDPA agrees; older
 PyTorch gave NaN), and its log-sum-exp is +inf. Masks are read in place through their strides, so
 a mask broadcast with ``expand`` costs no memory.
 
+Rotary position embedding (keyword-only, both entries, N_Q = N_KV), as timm's EVA02 and RoPE ViTs
+apply it before attention: ``q = cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half)])``
+and the same for k, with p = ``rope_prefix`` leading tokens (CLS, registers) left unrotated.
+
+* ``rope``: timm's table, last dimension 2·d = [sin | cos], shape [N - p, 2d]
+  (RotaryEmbeddingCat), [heads or 1, N - p, 2d] or [B or 1, heads or 1, N - p, 2d]
+  (RotaryEmbeddingMixed, per head); any float dtype; read in place when its last stride is 1.
+* ``rope_half``: pair column j with j ± d/2 (``rope_rotate_half``) rather than 2i with 2i + 1 (``rot``).
+
+The kernels rotate q and k as they load them (no rotated copy is written), in fp32, rounded to q's
+dtype as timm rounds it; the backward kernels return gradients with respect to q and k as stored.
+
 Training: inputs that need gradients run FlashAttention-2 backward kernels from the saved fp32
 log-sum-exp (``kernels/attention.py``), through ``torch.library`` custom ops, so autograd and
 ``torch.compile`` see them; ``attention`` returns the gradient of ``qkv`` as one packed buffer. The
-kernels compute no gradient for a float mask: a mask that needs one takes the PyTorch path (warned once).
+kernels compute no gradient for a float mask or for the rotary table: one that needs a gradient
+(timm's RotaryEmbeddingMixed learns its frequencies) takes the PyTorch path (warned once).
 """
 from __future__ import annotations
 
@@ -24,6 +43,7 @@ import math
 import numbers
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,8 +71,16 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _kernel_rope(rope: Tensor | None, rope_prefix: int, rope_half: bool):
+    """The rotary arguments as the kernels take them (``kernels.attention.Rope``), or None."""
+    from ..kernels.attention import Rope
+
+    return None if rope is None else Rope(rope, rope_prefix, rope_half)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-             scale: float, is_causal: bool, tokens_major: bool) -> tuple[Tensor, Tensor]:
+             scale: float, is_causal: bool, tokens_major: bool, rope: Tensor | None, rope_prefix: int,
+             rope_half: bool) -> tuple[Tensor, Tensor]:
     from ..kernels.attention import attention_fwd
 
     B, H, N, d = q.shape
@@ -60,14 +88,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, a
     out = runtime.empty(*shape, dtype=q.dtype, device=q.device)
     lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
     with runtime.launching(q.device):
-        attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal)
+        attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal,
+                      _kernel_rope(rope, rope_prefix, rope_half))
     return out, lse
 
 
 def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    out: Tensor, lse: Tensor, dlse: Tensor | None, key_padding_mask: Tensor | None,
-                   attn_mask: Tensor | None, scale: float, is_causal: bool) -> None:
-    """Run the backward kernels, writing the [B, H, N, d] views dq, dk, dv."""
+                   attn_mask: Tensor | None, scale: float, is_causal: bool, rope: Tensor | None,
+                   rope_prefix: int, rope_half: bool) -> None:
+    """Run the backward kernels, writing the [B, H, N_Q, d] view dq and the [B, H, N_KV, d] views dk, dv."""
     from ..kernels.attention import attention_bwd
 
     runtime.record_launch("attention_bwd")
@@ -75,21 +105,24 @@ def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, 
     dlse = None if dlse is None else dlse.float().contiguous()
     with runtime.launching(q.device):
         attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
-                      key_padding_mask, attn_mask, scale, is_causal)
+                      key_padding_mask, attn_mask, scale, is_causal, _kernel_rope(rope, rope_prefix, rope_half))
 
 
 @torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool, tokens_major: bool,
+    scale: float, is_causal: bool, tokens_major: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0,
+    rope_half: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Attention over [B, H, N, d] q, k, v: out [B, N, H·d] if tokens_major else [B, H, N, d], and the
-    fp32 log-sum-exp [B, H, N]."""
-    return _forward(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major)
+    """Attention of [B, H, N_Q, d] q over [B, H, N_KV, d] k, v: out [B, N_Q, H·d] if tokens_major else
+    [B, H, N_Q, d], and the fp32 log-sum-exp [B, H, N_Q]; q and k rotated by ``rope`` when given."""
+    return _forward(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major, rope, rope_prefix,
+                    rope_half)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major):
+def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major, rope=None, rope_prefix=0,
+      rope_half=False):
     B, H, N, d = q.shape
     out = q.new_empty(B, N, H * d) if tokens_major else q.new_empty(B, H, N, d)
     return out, q.new_empty(B, H, N, dtype=torch.float32)
@@ -99,30 +132,35 @@ def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major):
 def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+    rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``vitfast::attention_fwd`` wrt q, k, v: contiguous [B, H, N, d] each."""
-    dq, dk, dv = (runtime.empty(*q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    _backward_into(dq, dk, dv, dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal)
+    """Gradients of ``vitfast::attention_fwd`` wrt q, k, v: contiguous tensors of their shapes (a q
+    broadcast over the batch gets its full-batch gradient; autograd sums it)."""
+    dq, dk, dv = (runtime.empty(*t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    _backward_into(dq, dk, dv, dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal,
+                   rope, rope_prefix, rope_half)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal, rope=None, rope_prefix=0,
+      rope_half=False):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.custom_op("vitfast::attention_packed_fwd", mutates_args=())
 def _attention_packed_fwd(
     qkv: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool,
+    scale: float, is_causal: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention over the packed [B, N, 3·H·d] qkv (read in place): out [B, N, H·d] and the fp32
     log-sum-exp [B, H, N]. Taking qkv whole lets the backward write one packed gradient."""
-    return _forward(*_split_packed(qkv, num_heads), key_padding_mask, attn_mask, scale, is_causal, True)
+    return _forward(*_split_packed(qkv, num_heads), key_padding_mask, attn_mask, scale, is_causal, True, rope,
+                    rope_prefix, rope_half)
 
 
 @_attention_packed_fwd.register_fake
-def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal):
+def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal, rope=None, rope_prefix=0, rope_half=False):
     B, N, width = qkv.shape
     return qkv.new_empty(B, N, width // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
@@ -131,36 +169,40 @@ def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal):
 def _attention_packed_bwd(
     dout: Tensor, qkv: Tensor, num_heads: int, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+    rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
 ) -> Tensor:
     """Gradient of ``vitfast::attention_packed_fwd`` wrt qkv: one contiguous [B, N, 3·H·d] buffer
     that the kernels write through three strided views, so no stack or copy follows."""
     dqkv = runtime.empty(*qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _backward_into(*_split_packed(dqkv, num_heads), dout, *_split_packed(qkv, num_heads), out, lse, dlse,
-                   key_padding_mask, attn_mask, scale, is_causal)
+                   key_padding_mask, attn_mask, scale, is_causal, rope, rope_prefix, rope_half)
     return dqkv
 
 
 @_attention_packed_bwd.register_fake
-def _(dout, qkv, num_heads, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal):
+def _(dout, qkv, num_heads, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal, rope=None,
+      rope_prefix=0, rope_half=False):
     return qkv.new_empty(qkv.shape)
 
 
 def _save(ctx, tensors: tuple[Tensor, ...], output: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
-          attn_mask: Tensor | None, scale: float, is_causal: bool) -> None:
-    ctx.save_for_backward(*tensors, *output, key_padding_mask, attn_mask)
-    ctx.scale, ctx.is_causal = scale, is_causal
+          attn_mask: Tensor | None, scale: float, is_causal: bool, rope: Tensor | None, rope_prefix: int,
+          rope_half: bool) -> None:
+    ctx.save_for_backward(*tensors, *output, key_padding_mask, attn_mask, rope)
+    ctx.scale, ctx.is_causal, ctx.rope_prefix, ctx.rope_half = scale, is_causal, rope_prefix, rope_half
     # Usually only out reaches the loss: then no zero-filled lse gradient is made, nor read.
     ctx.set_materialize_grads(False)
 
 
+# ``inputs`` holds every argument of the op's schema, defaults filled in.
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, attn_mask, scale, is_causal, _ = inputs
-    _save(ctx, (q, k, v), output, key_padding_mask, attn_mask, scale, is_causal)
+    q, k, v, key_padding_mask, attn_mask, scale, is_causal, _, *rope = inputs
+    _save(ctx, (q, k, v), output, key_padding_mask, attn_mask, scale, is_causal, *rope)
 
 
 def _setup_packed_context(ctx, inputs, output) -> None:
-    qkv, ctx.num_heads, key_padding_mask, attn_mask, scale, is_causal = inputs
-    _save(ctx, (qkv,), output, key_padding_mask, attn_mask, scale, is_causal)
+    qkv, ctx.num_heads, key_padding_mask, attn_mask, scale, is_causal, *rope = inputs
+    _save(ctx, (qkv,), output, key_padding_mask, attn_mask, scale, is_causal, *rope)
 
 
 def _grad_of_output(dout: Tensor | None, out: Tensor) -> Tensor:
@@ -168,34 +210,37 @@ def _grad_of_output(dout: Tensor | None, out: Tensor) -> Tensor:
 
 
 def _attention_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-    q, k, v, out, lse, kpm, mask = ctx.saved_tensors
+    q, k, v, out, lse, kpm, mask, rope = ctx.saved_tensors
     dq, dk, dv = torch.ops.vitfast.attention_bwd(_grad_of_output(dout, out), q, k, v, out, lse, dlse, kpm, mask,
-                                                 ctx.scale, ctx.is_causal)
-    return dq, dk, dv, None, None, None, None, None
+                                                 ctx.scale, ctx.is_causal, rope, ctx.rope_prefix, ctx.rope_half)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _packed_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-    qkv, out, lse, kpm, mask = ctx.saved_tensors
+    qkv, out, lse, kpm, mask, rope = ctx.saved_tensors
     dqkv = torch.ops.vitfast.attention_packed_bwd(_grad_of_output(dout, out), qkv, ctx.num_heads, out, lse, dlse,
-                                                  kpm, mask, ctx.scale, ctx.is_causal)
-    return dqkv, None, None, None, None, None
+                                                  kpm, mask, ctx.scale, ctx.is_causal, rope, ctx.rope_prefix,
+                                                  ctx.rope_half)
+    return dqkv, None, None, None, None, None, None, None, None
 
 
-# Gradients wrt the masks are not computed: ``_kernel_path`` sends a mask that needs one to PyTorch.
+# Gradients wrt the masks and the rotary table are not computed: ``_kernel_path`` sends one that
+# needs a gradient to PyTorch.
 torch.library.register_autograd("vitfast::attention_fwd", _attention_backward, setup_context=_setup_context)
 torch.library.register_autograd("vitfast::attention_packed_fwd", _packed_backward,
                                 setup_context=_setup_packed_context)
 
 
-def _bias(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-    """The masks as one additive bias broadcastable to [B, H, N, N], fp32 (float64 for float64 q);
-    -inf = not allowed."""
+def _bias(q: Tensor, n_kv: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+          is_causal: bool) -> Tensor:
+    """The masks as one additive bias broadcastable to [B, H, N_Q, N_KV], fp32 (float64 for float64
+    q); -inf = not allowed. Causal is top-left, as SDPA's: query i sees keys 0..i."""
     B, H, N, _ = q.shape
-    bias = torch.zeros(1, 1, N, N, dtype=_stats_dtype(q), device=q.device)
+    bias = torch.zeros(1, 1, N, n_kv, dtype=_stats_dtype(q), device=q.device)
     if is_causal:
-        bias = torch.where(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf, bias)
-    masks = [] if attn_mask is None else [attn_mask.reshape(B, H, N, N) if attn_mask.dim() == 3 else attn_mask]
-    # 2-D and 4-D masks broadcast against [B, H, N, N] as they are.
+        bias = torch.where(torch.ones(N, n_kv, dtype=torch.bool, device=q.device).triu(1), -math.inf, bias)
+    masks = [] if attn_mask is None else [attn_mask.reshape(B, H, N, n_kv) if attn_mask.dim() == 3 else attn_mask]
+    # 2-D and 4-D masks broadcast against [B, H, N_Q, N_KV] as they are.
     if key_padding_mask is not None:
         masks.append(key_padding_mask[:, None, None, :])
     for m in masks:
@@ -210,11 +255,12 @@ def _stats_dtype(q: Tensor) -> torch.dtype:
 
 def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
               scale: float, is_causal: bool, return_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """SDPA on [B, H, N, d] tensors with the masks converted to its convention; rows with no allowed
-    key are zeroed (and unmasked before SDPA, so neither the output nor its gradient holds NaN)."""
+    """SDPA of [B, H, N_Q, d] q over [B, H, N_KV, d] k, v with the masks converted to its convention;
+    rows with no allowed key are zeroed (and unmasked before SDPA, so neither the output nor its
+    gradient holds NaN)."""
     if key_padding_mask is None and attn_mask is None and not return_lse:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale), None
-    bias = _bias(q, key_padding_mask, attn_mask, is_causal)
+    bias = _bias(q, k.shape[2], key_padding_mask, attn_mask, is_causal)
     dead = torch.isneginf(bias).all(-1, keepdim=True)
     bias = bias.masked_fill(dead, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
@@ -227,9 +273,24 @@ def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, 
     return out, lse
 
 
-def _broadcast_shapes(B: int, heads: int, N: int) -> tuple[tuple[int, ...], ...]:
-    """The 4-D attention-mask shapes that broadcast to [B, heads, N, N]."""
-    return tuple((b, h, N, N) for b in dict.fromkeys((B, 1)) for h in dict.fromkeys((heads, 1)))
+def _rotate(x: Tensor, rope: Tensor, rope_prefix: int, rope_half: bool) -> Tensor:
+    """[B, H, N, d] ``x`` with the tokens after the first ``rope_prefix`` rotated by the [sin | cos]
+    table, computed in the promoted dtype of x and the table and rounded to x's dtype (timm's
+    ``apply_rot_embed_cat``); the PyTorch path's rotation, differentiable in x and the table."""
+    sin, cos = rope.chunk(2, -1)
+    body = x[:, :, rope_prefix:]
+    if rope_half:  # column j pairs with j ± d/2
+        first, second = body.chunk(2, -1)
+        partner = torch.cat([-second, first], -1)
+    else:  # column 2i pairs with 2i + 1
+        partner = torch.stack([-body[..., 1::2], body[..., ::2]], -1).reshape(body.shape)
+    rotated = (body * cos + partner * sin).to(x.dtype)
+    return torch.cat([x[:, :, :rope_prefix], rotated], dim=2)
+
+
+def _broadcast_shapes(B: int, heads: int, *tail: int) -> tuple[tuple[int, ...], ...]:
+    """The 4-D shapes that broadcast to [B, heads, *tail] with ``tail`` in full."""
+    return tuple((b, h, *tail) for b in dict.fromkeys((B, 1)) for h in dict.fromkeys((heads, 1)))
 
 
 def _check_mask(name: str, mask: object, shapes: tuple[tuple[int, ...], ...], expected: str | None = None) -> None:
@@ -247,7 +308,34 @@ def _check_scale(scale: object) -> None:
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 
-def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> bool:
+def _check_rope(x: Tensor, rope: Tensor | None, rope_prefix: object, rope_half: object, B: int, heads: int,
+                n_q: int, n_kv: int, d: int) -> None:
+    """The rotary arguments against q [B, heads, n_q, d] and keys [.., n_kv, d] (``x`` names the device)."""
+    if isinstance(rope_prefix, bool) or not isinstance(rope_prefix, numbers.Integral):
+        raise TypeError(f"rope_prefix must be an integer, got {rope_prefix!r}")
+    if not isinstance(rope_half, (bool, np.bool_)):
+        raise TypeError(f"rope_half must be a bool, got {rope_half!r}")
+    if rope is None:
+        return
+    check_float("rope", rope)
+    check_same_device(q=x, rope=rope)
+    if n_q != n_kv:
+        raise ValueError(f"rope needs as many queries as keys (self-attention), got {n_q} queries and {n_kv} keys")
+    if d % 2:
+        raise ValueError(f"rope needs an even head size (it rotates pairs of columns), got head size {d}")
+    if not 0 <= rope_prefix <= n_q:
+        raise ValueError(f"rope_prefix must be between 0 and the number of tokens ({n_q}), got {rope_prefix}")
+    rows = n_q - int(rope_prefix)
+    shapes = ((rows, 2 * d), *((h, rows, 2 * d) for h in dict.fromkeys((heads, 1))),
+              *_broadcast_shapes(B, heads, rows, 2 * d))
+    if tuple(rope.shape) not in shapes:
+        raise ValueError(
+            f"rope must have shape {(rows, 2 * d)} (tokens after rope_prefix = {n_q} - {rope_prefix}, "
+            f"2 * head size for sin | cos), optionally led by {heads} heads or 1 and then {B} images or 1, "
+            f"got {tuple(rope.shape)}")
+
+
+def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, rope: Tensor | None) -> bool:
     """Whether the Triton kernels take this call; a valid configuration they do not cover falls back
     to PyTorch with one warning."""
     if not kernel_path("attention", q, key_padding_mask, attn_mask):
@@ -263,21 +351,28 @@ def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor |
         runtime.warn_once("attention:mask_grad", "vitfast.attention: the kernels do not compute gradients "
                           "with respect to a float mask; using PyTorch SDPA")
         return False
+    if runtime.needs_autograd(rope):
+        runtime.warn_once("attention:rope_grad", "vitfast.attention: the kernels do not compute gradients "
+                          "with respect to the rotary table (rope); using PyTorch SDPA")
+        return False
     return True
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-         scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool,
-         kernel: Callable[[float, bool], tuple[Tensor, Tensor]]):
-    """Shared by both entries: q, k, v are [B, H, N, d] views; ``kernel(scale, is_causal)`` runs the
-    entry's custom op, else the fallback runs."""
+         scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool, rope: Tensor | None,
+         rope_prefix: int, rope_half: bool, kernel: Callable[..., tuple[Tensor, Tensor]]):
+    """Shared by both entries: q [B, H, N_Q, d], k and v [B, H, N_KV, d] views;
+    ``kernel(scale, is_causal, rope, rope_prefix, rope_half)`` runs the entry's custom op, else the
+    fallback runs."""
     B, H, N, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    is_causal = bool(is_causal)
-    if _kernel_path(q, key_padding_mask, attn_mask):
+    is_causal, rope_prefix, rope_half = bool(is_causal), int(rope_prefix), bool(rope_half)
+    if _kernel_path(q, key_padding_mask, attn_mask, rope):
         runtime.record_launch("attention")
-        out, lse = kernel(scale, is_causal)
+        out, lse = kernel(scale, is_causal, None if rope is None else _unit_last(rope), rope_prefix, rope_half)
     else:
+        if rope is not None:
+            q, k = (_rotate(t, rope, rope_prefix, rope_half) for t in (q, k))
         out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse)
         if tokens_major:
             out = out.transpose(1, 2).reshape(B, N, H * d)
@@ -286,8 +381,9 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_
 
 @fx_traceable
 def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
-              scale: float | None = None, is_causal: bool = False,
-              return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              scale: float | None = None, is_causal: bool = False, return_lse: bool = False, *,
+              rope: Tensor | None = None, rope_prefix: int = 0,
+              rope_half: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention over the packed in-projection output ``qkv`` [B, N, 3·D].
 
     The last dimension holds q | k | v, each D = num_heads · d wide (nn.MultiheadAttention's
@@ -298,11 +394,15 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     row's scaled, masked scores (+inf where a row has no allowed key; float64 for float64 inputs,
     which take PyTorch with one warning, as bfloat16 does on CPU tensors). ``scale`` defaults to 1/√d.
     Masks follow nn.MultiheadAttention (bool True = not allowed), see the module docstring.
+    ``rope``, ``rope_prefix``, ``rope_half``: rotary position embedding of q and k, timm's
+    (see the module docstring).
 
     >>> qkv = torch.randn(2, 197, 3 * 768)
     >>> y = attention(qkv, num_heads=12)  # [2, 197, 768]
     >>> pad = torch.zeros(2, 197, dtype=torch.bool); pad[1, 150:] = True
     >>> y = attention(qkv, 12, key_padding_mask=pad)
+    >>> rope = torch.randn(196, 2 * 64)  # timm's RotaryEmbeddingCat.get_embed(): sin | cos per token
+    >>> y = attention(qkv, 12, rope=rope, rope_prefix=1)  # the CLS token stays unrotated
     """
     check_float("qkv", qkv)
     if qkv.dim() != 3:
@@ -314,51 +414,67 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     if width % (3 * num_heads) != 0:
         raise ValueError(f"qkv last dimension ({width}) must be divisible by 3 * num_heads "
                          f"(3 * {num_heads} = {3 * num_heads})")
-    _check_common("qkv", qkv, B, N, num_heads, width // (3 * num_heads), key_padding_mask, attn_mask, scale)
+    d = width // (3 * num_heads)
+    _check_common("qkv", qkv, B, N, N, num_heads, d, key_padding_mask, attn_mask, scale)
+    _check_rope(qkv, rope, rope_prefix, rope_half, B, num_heads, N, N, d)
     q, k, v = _split_packed(qkv, num_heads)
-    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, True,
-                lambda s, c: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads, key_padding_mask,
-                                                                    attn_mask, s, c))
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, True, rope, rope_prefix,
+                rope_half, lambda *a: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads,
+                                                                             key_padding_mask, attn_mask, *a))
 
 
 @fx_traceable
 def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                   attn_mask: Tensor | None = None, scale: float | None = None, is_causal: bool = False,
-                  return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Attention over q, k, v in SDPA's layout [B, heads, N, d] (any strides); returns [B, heads, N, d].
+                  return_lse: bool = False, *, rope: Tensor | None = None, rope_prefix: int = 0,
+                  rope_half: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of q [B, heads, N_Q, d] over k, v [B, heads, N_KV, d] in SDPA's layout (any strides;
+    a q broadcast over the batch with ``expand`` is read in place); returns [B, heads, N_Q, d]
+    (and the log-sum-exp [B, heads, N_Q] with ``return_lse``).
 
     Same kernel, masks and conventions as :func:`attention` (nn.MultiheadAttention's: a bool
-    ``attn_mask`` is True where attention is NOT allowed, the opposite of SDPA's).
+    ``attn_mask`` is True where attention is NOT allowed, the opposite of SDPA's), with N_KV in
+    place of N for keys: ``key_padding_mask`` [B, N_KV], ``attn_mask`` [N_Q, N_KV],
+    [B·heads, N_Q, N_KV] or 4-D; ``is_causal`` is SDPA's top-left causality (query i sees keys
+    0..i). ``rope`` needs N_Q = N_KV.
 
     >>> q, k, v = torch.randn(3, 2, 12, 197, 64).unbind(0)
     >>> y = attention_qkv(q, k, v, is_causal=True)  # [2, 12, 197, 64]
+    >>> probe = torch.randn(1, 12, 1, 64)  # attention pooling: one learned query per head
+    >>> pooled = attention_qkv(probe.expand(2, -1, -1, -1), k, v)  # [2, 12, 1, 64]
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+    B, H, N_Q, d = q.shape
+    N_KV = k.shape[2]
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, d):
+        raise ValueError(f"k has shape {tuple(k.shape)} but q has shape {tuple(q.shape)}; they must match "
+                         f"in batch, heads and head size (dimensions 0, 1 and 3)")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}; they must match")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has shape {tuple(q.shape)}; they must match")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; they must match")
     check_same_device(q=q, k=k, v=v)
-    B, H, N, d = q.shape
-    _check_common("q", q, B, N, H, d, key_padding_mask, attn_mask, scale)
-    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, False,
-                lambda s, c: torch.ops.vitfast.attention_fwd(*(_unit_last(t) for t in (q, k, v)), key_padding_mask,
-                                                             attn_mask, s, c, False))
+    _check_common("q", q, B, N_Q, N_KV, H, d, key_padding_mask, attn_mask, scale)
+    _check_rope(q, rope, rope_prefix, rope_half, B, H, N_Q, N_KV, d)
+    return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, False, rope, rope_prefix,
+                rope_half, lambda s, c, *r: torch.ops.vitfast.attention_fwd(
+                    *(_unit_last(t) for t in (q, k, v)), key_padding_mask, attn_mask, s, c, False, *r))
 
 
-def _check_common(name: str, x: Tensor, B: int, N: int, heads: int, d: int, key_padding_mask: Tensor | None,
-                  attn_mask: Tensor | None, scale: float | None) -> None:
-    """Checks both entries share: head size, masks against (B, N, heads), devices, scale."""
+def _check_common(name: str, x: Tensor, B: int, n_q: int, n_kv: int, heads: int, d: int,
+                  key_padding_mask: Tensor | None, attn_mask: Tensor | None, scale: float | None) -> None:
+    """Checks both entries share: head size, masks against (B, n_q queries, n_kv keys, heads), devices, scale."""
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head size of {name} must be between 1 and {MAX_HEAD_DIM}, got {d}")
     if key_padding_mask is not None:
-        _check_mask("key_padding_mask", key_padding_mask, ((B, N),))
+        _check_mask("key_padding_mask", key_padding_mask, ((B, n_kv),))
     if attn_mask is not None:
-        _check_mask("attn_mask", attn_mask, ((N, N), (B * heads, N, N), *_broadcast_shapes(B, heads, N)),
-                    f"{(N, N)}, {(B * heads, N, N)} or one broadcasting to {(B, heads, N, N)}")
+        _check_mask("attn_mask", attn_mask, ((n_q, n_kv), (B * heads, n_q, n_kv),
+                                             *_broadcast_shapes(B, heads, n_q, n_kv)),
+                    f"{(n_q, n_kv)}, {(B * heads, n_q, n_kv)} or one broadcasting to {(B, heads, n_q, n_kv)}")
     check_same_device(**{name: x}, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     _check_scale(scale)
