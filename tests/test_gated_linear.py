@@ -3,7 +3,6 @@ against PyTorch's composite and timm's SwiGLU and GluMlp modules."""
 import contextlib
 import copy
 import functools
-import itertools
 
 import pytest
 import torch
@@ -278,7 +277,8 @@ def _args(**changes):
     (_args(value_bias=torch.randn(24, 1)), ValueError, "value_bias must have shape (24,), got (24, 1)"),
     (_args(activation="swish"), ValueError, "activation must be one of None, 'none', 'gelu'"),
     (_args(activation=F.silu), ValueError, "got <function silu"),
-    (_args(x=torch.randn(4, 40).half()), TypeError, "gate_weight has dtype torch.float32 but x has dtype torch.float16"),
+    (_args(x=torch.randn(4, 40).half()), TypeError,
+     "gate_weight has dtype torch.float32 but x has dtype torch.float16"),
     (_args(value_weight=torch.randn(24, 40).half()), TypeError, "value_weight has dtype torch.float16 but x has"),
     (_args(value_bias=torch.randn(24).half()), TypeError, "value_bias has dtype torch.float16 but x has"),
     (_args(x=torch.ones(4, 40, dtype=torch.int64)), TypeError, "x must be float32"),
