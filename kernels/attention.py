@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate  # noqa: F401  (kinds re-exported)
+from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate
 
 # Head sizes the kernel tiles (padded to the next power of two with masks); others fall back.
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)

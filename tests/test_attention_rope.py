@@ -128,7 +128,7 @@ def test_rope_table_layouts():
     q, k, v = torch.randn(3, B, H, prefix + rotated, d, device=DEVICE).unbind(0)
     for name, rope in layouts.items():
         assert not rope.is_contiguous()
-        _check_grads(lambda q, k, v, _: attention_qkv(q, k, v, rope=rope, rope_prefix=prefix),
+        _check_grads(lambda q, k, v, _, rope=rope: attention_qkv(q, k, v, rope=rope, rope_prefix=prefix),
                      lambda q, k, v, dt: _timm_attention(q, k, v, base, prefix, False, dt), [q, k, v], torch.float32,
                      what=name)
 
@@ -188,7 +188,8 @@ def test_rope_custom_ops_and_compile():
     qkv = torch.randn(B, prefix + rotated, 3 * H * d, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.vitfast.attention_packed_fwd, (qkv, H, None, None, 0.25, True, rope, prefix, True))
     q, k, v = (t.detach().requires_grad_() for t in _split(qkv.detach(), H))
-    torch.library.opcheck(torch.ops.vitfast.attention_fwd, (q, k, v, None, None, 0.25, False, False, rope, prefix, True))
+    torch.library.opcheck(torch.ops.vitfast.attention_fwd,
+                          (q, k, v, None, None, 0.25, False, False, rope, prefix, True))
     with torch.no_grad():
         out, lse = torch.ops.vitfast.attention_packed_fwd(qkv, H, None, None, 0.25, True, rope, prefix, True)
     torch.library.opcheck(torch.ops.vitfast.attention_packed_bwd,
