@@ -32,6 +32,7 @@ class Variant:
 
 def variants() -> list[Variant]:
     from vitfast.kernels import attention as A
+    from vitfast.kernels import gated_linear as G
     from vitfast.kernels import layer_norm as LN
     from vitfast.kernels import linear as L
     from vitfast.kernels import patch_embed as PE
@@ -57,11 +58,22 @@ def variants() -> list[Variant]:
                            dict(ACTIVATION=act, HAS_BIAS=True, HAS_SCALE=act == "none", HAS_RESIDUAL=True,
                                 STORE_PREACT=act != "none", INPUT_PRECISION=prec), {**big, "X": tensor}))
     epilogue_cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)
-    for act, scale in (("gelu", False), ("gelu", True), ("none", True)):
+    for act, scale in (("gelu", False), ("gelu", True), ("none", True), ("silu", False)):
         out.append(Variant(f"linear epilogue bwd {act}{' + scale' if scale else ''}", L._epilogue_bwd_kernel,
                            dict(DY=bf, Z=bf, S=f32, DZ=bf, DS_PART=f32),
                            dict(ACTIVATION=act, HAS_SCALE=scale, STORE_DZ=True, COMPUTE_DSCALE=scale, READ_Z=True),
                            config=epilogue_cfg))
+    # EVA02-B's SwiGLU fc1 at batch 256: 256·257 tokens, 768 -> 2·2048.
+    gated = dict(M=65792, H=2048, K=768)
+    for dtype, act, preact, prec in ((bf, "silu", True, "ieee"), (bf, "gelu", False, "ieee"),
+                                     (f32, "silu", True, "tf32")):
+        tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
+        out.append(Variant(f"gated_linear {dtype} {act}{' + preact' if preact else ''}", G._gated_linear_kernel,
+                           {n: dtype for n in ("X", "WG", "WV", "BG", "BV", "Y", "Z")},
+                           dict(ACTIVATION=act, HAS_GATE_BIAS=True, HAS_VALUE_BIAS=True, STORE_PREACT=preact,
+                                INPUT_PRECISION=prec), {**gated, "X": tensor}))
+    out.append(Variant("gated_linear epilogue bwd silu", G._gated_epilogue_bwd_kernel, dict(DY=bf, Z=bf, DZ=bf),
+                       dict(ACTIVATION="silu"), config=epilogue_cfg))
     pe_prune = dict(D=768, K=768, TOKENS_PER_SPLIT=50176, X=torch.empty(0, dtype=torch.bfloat16),
                     W=torch.empty(0, dtype=torch.bfloat16))
     pe_common = dict(P=16, PREFIX=1, INPUT_PRECISION="ieee")

@@ -14,5 +14,5 @@ def test_every_kernel_compiles_for_hopper():
     lines = done.stdout.splitlines()
     assert lines[-1].endswith("compiled, 0 failed") and int(lines[-1].split()[0]) >= 19, done.stdout
     # The GEMM-shaped kernels must reach Hopper's tensor-core instructions, not fall back to mma.
-    for name in ("linear bf16", "patch_embed fwd", "attention fwd d=64"):
+    for name in ("linear bf16", "gated_linear bf16", "patch_embed fwd", "attention fwd d=64"):
         assert any(name in l and "wgmma True" in l for l in lines), done.stdout
