@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vitfast
-from vitfast.modules._block import block_input_reason
+from vitfast.modules._block_checks import block_input_reason
 from vitfast.modules._fused import Fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

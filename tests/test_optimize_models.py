@@ -68,13 +68,11 @@ def _open_clip_quick_gelu_layer_scale():
 
 
 # name: (build, what the forward returns is read by, modules a report may list as left alone).
-# The attention-pooling ("MAP") heads of SigLIP are cross-attention, not on the kernels yet: the
-# report lists them, and nothing else.
 MODELS = {
     "timm-vit": (_timm("vit_base_patch16_224"), None, ()),
     "timm-clip": (_timm("vit_base_patch16_clip_224"), None, ()),
     "timm-clip-quickgelu": (_timm("vit_base_patch16_clip_quickgelu_224"), None, ()),
-    "timm-siglip": (_timm("vit_base_patch16_siglip_224"), None, ("attn_pool",)),
+    "timm-siglip": (_timm("vit_base_patch16_siglip_224"), None, ()),
     "timm-dinov2": (_timm("vit_small_patch14_dinov2"), None, ()),
     "timm-dinov2-reg4": (_timm("vit_small_patch14_reg4_dinov2"), None, ()),
     "timm-deit-distilled": (_timm("deit_base_distilled_patch16_224"), None, ()),
@@ -84,7 +82,7 @@ MODELS = {
         _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", hidden_act="quick_gelu", projection_dim=16),
         "image_embeds", ()),
     "hf-clip-model": (_hf_clip_model, "get_image_features", ()),
-    "hf-siglip-vision": (_hf("SiglipVisionModel", "SiglipVisionConfig"), "pooler_output", ("head",)),
+    "hf-siglip-vision": (_hf("SiglipVisionModel", "SiglipVisionConfig"), "pooler_output", ()),
     "hf-dinov2": (_hf("Dinov2Model", "Dinov2Config", layerscale_value=0.5), "pooler_output", ()),
     "hf-dinov2-registers": (
         _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=4), "pooler_output", ()),
@@ -113,11 +111,9 @@ def output(model, read, x):
     return out[0] if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_optimize_deployed_encoder(name, dtype):
-    require_triton_path()
-    build, read, may_stay = MODELS[name]
+def optimized_three_way(build, read, dtype):
+    """A random-initialised model's output in float64, in ``dtype`` on PyTorch and in ``dtype`` after
+    ``optimize`` (with the launches it made); the optimized and the PyTorch model."""
     model = randomize(build()).to(DEVICE).eval()
     x = torch.randn(2, 3, IMG, IMG, device=DEVICE, dtype=dtype)
     with torch.no_grad():
@@ -127,10 +123,20 @@ def test_optimize_deployed_encoder(name, dtype):
         fast = vitfast.optimize(copy.deepcopy(model).to(dtype))
         with runtime.count_launches() as launches:
             out = output(fast, read, x)
-    report = fast.vitfast_report
+    assert list(fast.state_dict()) == list(pt_model.state_dict())
+    return out, pt, ref, launches, fast.vitfast_report
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_optimize_deployed_encoder(name, dtype):
+    require_triton_path()
+    build, read, may_stay = MODELS[name]
+    out, pt, ref, launches, report = optimized_three_way(build, read, dtype)
     assert sorted(e.path for e in report.skipped) == sorted(may_stay), str(report)
-    # Every encoder layer ran its attention and its MLP on the kernels, after the patch embedding.
-    assert launches.get("attention") == DEPTH and launches.get("mlp") == DEPTH, launches
+    # Every encoder layer, and SigLIP's attention-pooling head, ran its attention and its MLP on the
+    # kernels, after the patch embedding.
+    heads = int("siglip" in name)
+    assert launches.get("attention") == DEPTH + heads and launches.get("mlp") == DEPTH + heads, launches
     assert launches.get("patch_embed") == 1 and launches.get("layer_norm", 0) >= 2 * DEPTH, launches
     assert_parity(out, pt, ref)
-    assert list(fast.state_dict()) == list(pt_model.state_dict())

@@ -5,12 +5,15 @@ Recognised by exact class, wherever they sit in the model (one file per ecosyste
 * PyTorch (``pytorch.py``): ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, ``nn.LayerNorm``
   over one dimension, a self-attention ``nn.MultiheadAttention`` (unless a stand-in above it runs it),
   and ``vitfast.reference``'s ``VisionTransformer`` and ``PatchEmbedding``;
-* timm (``timm.py``): ``PatchEmbed``, the ViT ``Block``, ``LayerNorm``;
+* timm (``timm.py``, ``timm_eva.py``, ``timm_pool.py``): ``PatchEmbed``, the ViT ``Block`` (``Mlp``,
+  ``SwiGLU`` or ``GluMlp``), ``LayerNorm``, EVA's ``EvaBlock`` with its rotary embedding, and
+  ``AttentionPoolLatent`` (the MAP head);
 * torchvision (``torchvision.py``): the ViT's ``conv_proj`` and ``EncoderBlock``;
 * open_clip (``open_clip.py``): the ViT's ``conv1``, ``ResidualAttentionBlock``, ``LayerNorm`` and
   ``LayerNormFp32``;
 * Hugging Face (``huggingface/``): the image embeddings and encoder layers of ViT, DeiT, CLIP, SigLIP
-  (SigLIP 2's layers) and DINOv2 (with and without registers).
+  (SigLIP 2's layers) and DINOv2 (with and without registers, with SwiGLU), and SigLIP's
+  attention-pooling heads.
 
 A module is swapped by changing its class, in place, to a subclass of its own class (a stand-in,
 ``vitfast/modules/_fused.py``): same object, parameters, ``state_dict``, hooks and methods. A stand-in
@@ -26,13 +29,14 @@ from torch import nn
 
 from ..modules import _fused
 from ..modules._fused import Fused, UnfusedForScripting
-from . import huggingface, open_clip, pytorch, timm, torchvision
+from . import huggingface, open_clip, pytorch, timm, timm_eva, timm_pool, torchvision
 from .report import Entry, Report, add_left_alone
 from .rules import Rule
 
 __all__ = ["Entry", "Report", "optimize"]
 
-RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *torchvision.RULES, *huggingface.RULES, *open_clip.RULES]
+RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *timm_eva.RULES, *timm_pool.RULES, *torchvision.RULES,
+                     *huggingface.RULES, *open_clip.RULES]
 
 
 def _name(cls: type) -> str:

@@ -17,6 +17,8 @@ from .rules import Rule, head_dim_reason, is_exactly, location
 BLOCK = ("timm.models.vision_transformer", "Block")
 ATTENTION = (("timm.layers.attention", "Attention"), ("timm.models.vision_transformer", "Attention"))
 MLP = ("timm.layers.mlp", "Mlp")
+SWIGLU = ("timm.layers.mlp", "SwiGLU")  # fc1_g (gate) and fc1_x (value) apart
+GLU_MLP = ("timm.layers.mlp", "GluMlp")  # one fc1, chunked in two (SwiGLUPacked)
 LAYER_SCALE = (("timm.layers.layer_scale", "LayerScale"), ("timm.models.vision_transformer", "LayerScale"))
 DROP_PATH = ("timm.layers.drop", "DropPath")
 LAYER_NORM = ("timm.layers.norm", "LayerNorm")
@@ -35,24 +37,69 @@ def _drop_p(m: nn.Module) -> float:
     return float(state.get("p", state.get("drop_prob", 0.0)))
 
 
+def mlp_reason(mlp: nn.Module | None) -> str | None:
+    """Why a timm MLP cannot run on the kernels: ``Mlp``, ``SwiGLU`` or ``GluMlp`` with nn.Linear layers,
+    an activation the epilogue has, nn.Dropout and no norm or a LayerNorm (EVA's sub-LN)."""
+    if not is_exactly(mlp, MLP, SWIGLU, GLU_MLP):
+        return f"mlp is a {type(mlp).__name__}, not timm's Mlp, SwiGLU or GluMlp"
+    layers = ("fc1_g", "fc1_x", "fc2") if is_exactly(mlp, SWIGLU) else ("fc1", "fc2")
+    if not all(is_exactly(getattr(mlp, n, None), _LINEAR) for n in layers):
+        return f"mlp.{'/'.join(layers)} are not nn.Linear"
+    if not (_identity_or(mlp.norm) or is_layer_norm(mlp.norm, *_NORMS)):
+        return "mlp.norm is not a LayerNorm over the last dimension"
+    if activation_name(mlp.act) is None:
+        return f"mlp activation {type(mlp.act).__name__} is not fused"
+    if not all(is_exactly(m, _DROPOUT) for m in (mlp.drop1, mlp.drop2)):
+        return "a dropout is not nn.Dropout"
+    if is_exactly(mlp, GLU_MLP) and (mlp.chunk_dim != -1 or mlp.fc1.out_features % 2):
+        return "GluMlp does not split fc1's output in two halves along the last dimension"
+    return None
+
+
+def mlp_weights(mlp: nn.Module) -> dict:
+    """The MLP fields of ``BlockWeights`` for a module ``mlp_reason`` accepts."""
+    m = mlp._modules
+    if is_exactly(mlp, SWIGLU):
+        (gate_w, gate_b), (value_w, value_b) = linear_params(m["fc1_g"]), linear_params(m["fc1_x"])
+        fc1_w, fc1_b = (gate_w, value_w), (gate_b, value_b)
+    elif is_exactly(mlp, GLU_MLP):  # views of the halves: the kernel reads them in place
+        w, b = linear_params(m["fc1"])
+        halves = (w.chunk(2), (None, None) if b is None else b.chunk(2))
+        fc1_w, fc1_b = (h[::-1] if mlp.gate_last else h for h in halves)
+    else:
+        fc1_w, fc1_b = linear_params(m["fc1"])
+    fc2_w, fc2_b = linear_params(m["fc2"])
+    return dict(fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
+                activation=activation_name(m["act"]), mlp_norm=norm_or_none(m["norm"]))
+
+
+def norm_or_none(norm: nn.Module) -> tuple | None:
+    return None if is_exactly(norm, _IDENTITY) else norm_params(norm)
+
+
+def attention_norm_reason(attn: nn.Module) -> str | None:
+    """qk-norm and gating are not fused; an attention scale-norm is, when it is a LayerNorm."""
+    qk_norm = not all(_identity_or(getattr(attn, n, None)) for n in ("q_norm", "k_norm"))
+    if qk_norm or getattr(attn, "gate", None) is not None:
+        return "qk-norm or gated attention is not fused"
+    norm = getattr(attn, "norm", None)
+    if not (_identity_or(norm) or is_layer_norm(norm, *_NORMS)):
+        return "the attention's scale-norm is not a LayerNorm over the last dimension"
+    return None
+
+
 def block_reason(block: nn.Module) -> str | None:
     """Why a timm ``Block`` cannot run fused: every submodule its forward reads must be the exact timm
-    or torch class the fused path reproduces (differential attention, GLU MLPs, qk-norm and the like are not)."""
-    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    or torch class the fused path reproduces (differential attention, qk-norm and the like are not)."""
+    attn = getattr(block, "attn", None)
     if not is_exactly(attn, *ATTENTION):
         return f"attn is a {type(attn).__name__}, not timm's Attention"
     if not (is_exactly(attn.qkv, _LINEAR) and is_exactly(attn.proj, _LINEAR)):
         return "attn.qkv or attn.proj is not an nn.Linear"
-    if not (all(_identity_or(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm"))
-            and getattr(attn, "gate", None) is None):
-        return "qk-norm, attention scale-norm or gating is not fused"
-    if not is_exactly(mlp, MLP):
-        return f"mlp is a {type(mlp).__name__}, not timm's Mlp"
-    if not (is_exactly(mlp.fc1, _LINEAR) and is_exactly(mlp.fc2, _LINEAR) and _identity_or(mlp.norm)):
-        return "mlp.fc1/fc2 are not nn.Linear or mlp has a norm"
-    if activation_name(mlp.act) is None:
-        return f"mlp activation {type(mlp.act).__name__} is not fused"
-    if not all(is_exactly(m, _DROPOUT) for m in (attn.attn_drop, attn.proj_drop, mlp.drop1, mlp.drop2)):
+    reason = attention_norm_reason(attn) or mlp_reason(getattr(block, "mlp", None))
+    if reason is not None:
+        return reason
+    if not all(is_exactly(m, _DROPOUT) for m in (attn.attn_drop, attn.proj_drop)):
         return "a dropout is not nn.Dropout"
     if not all(_identity_or(getattr(block, n, None), *LAYER_SCALE) for n in ("ls1", "ls2")):
         return "ls1/ls2 are not timm's LayerScale"
@@ -86,18 +133,16 @@ class FusedTimmBlock(Fused):
 
     def _weights(self) -> BlockWeights:
         m = self._modules
-        attn, mlp = m["attn"]._modules, m["mlp"]._modules
+        attn = m["attn"]._modules
         (qkv_w, qkv_b), (proj_w, proj_b) = linear_params(attn["qkv"]), linear_params(attn["proj"])
-        (fc1_w, fc1_b), (fc2_w, fc2_b) = linear_params(mlp["fc1"]), linear_params(mlp["fc2"])
         a = m["attn"]
         return BlockWeights(
             num_heads=a.num_heads, qkv_weight=qkv_w, qkv_bias=qkv_b, proj_weight=proj_w, proj_bias=proj_b,
             norm1=norm_params(m["norm1"]), norm2=norm_params(m["norm2"]),
-            fc1_weight=fc1_w, fc1_bias=fc1_b, fc2_weight=fc2_w, fc2_bias=fc2_b,
-            activation=activation_name(mlp["act"]),
             # SDPA (timm's fused path) scales by 1/sqrt(head_dim) whatever attn.scale holds.
             scale=None if a.fused_attn else a.scale,
             proj_scale=_gamma(m["ls1"]), fc2_scale=_gamma(m["ls2"]),
+            attn_norm=norm_or_none(attn["norm"]) if "norm" in attn else None, **mlp_weights(m["mlp"]),
         )
 
     def _fused_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:

@@ -7,6 +7,11 @@ A block is described once, as plain tensors (``BlockWeights``), and run by ``pos
     pre-norm:  y = LN1(x); qkv = y·Wqkvᵀ + b; a = attention(qkv); x = a·Woᵀ + b + x       (residual in epilogue)
                y = LN2(x); x = fc2(act(fc1(y) + b1)) + b2 + x                               (act and residual in epilogues)
     post-norm: x = LN1(a·Woᵀ + b + x), then x = LN2(fc2(act(fc1(x))) + x)
+
+Variants the same launches carry: rotary position embeddings (applied to q and k inside the
+attention kernel), a gated MLP (SwiGLU, GeGLU: act(gate)·value in fc1's epilogue), LayerNorms inside
+the branches (EVA's scale-norm of the attention output, the sub-LN of the MLP's hidden activations:
+one more launch each) and per-channel LayerScale in the out-projection's and fc2's epilogues.
 """
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.attention import attention
+from ..ops.gated_linear import gated_linear
 from ..ops.layer_norm import layer_norm
 from ..ops.linear import linear, mlp
-from ._fused import Unfusable
+from ._block_checks import check_block
+
+Norm = tuple["Tensor | None", "Tensor | None", float]  # weight, bias, eps
 
 
 @dataclass
@@ -28,19 +36,18 @@ class BlockWeights:
     qkv_bias: Tensor | tuple[Tensor, Tensor, Tensor] | None
     proj_weight: Tensor  # [D, D]
     proj_bias: Tensor | None
-    norm1: tuple[Tensor | None, Tensor | None, float]  # weight, bias, eps
-    norm2: tuple[Tensor | None, Tensor | None, float]
-    fc1_weight: Tensor
-    fc1_bias: Tensor | None
+    norm1: Norm
+    norm2: Norm
+    fc1_weight: Tensor | tuple[Tensor, Tensor]  # [hidden, D]; (gate, value) for a gated MLP: act(gate)·value
+    fc1_bias: Tensor | tuple[Tensor | None, Tensor | None] | None
     fc2_weight: Tensor
     fc2_bias: Tensor | None
-    activation: str | None  # "gelu", "gelu_tanh", "quick_gelu" or "relu"; None (an activation the kernels lack) is refused
+    activation: str | None  # one of the linear epilogue's; None (an activation the kernels lack) is refused
     scale: float | None = None  # attention scale; 1/sqrt(head_dim) when None
     proj_scale: Tensor | None = None  # [D] per-channel scale of the attention branch (timm's LayerScale ls1)
     fc2_scale: Tensor | None = None  # [D] per-channel scale of the MLP branch (ls2)
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    attn_norm: Norm | None = None  # LayerNorm of the attention output before the out-projection
+    mlp_norm: Norm | None = None  # LayerNorm of the hidden activations before fc2
 
 
 def drops(*sites: tuple[nn.Module, float]) -> bool:
@@ -81,104 +88,60 @@ def packed_block_weights(attn: nn.Module, fc1: nn.Module, fc2: nn.Module, norm1:
     )
 
 
-def _shape_reason(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor, same_dtype: bool) -> str | None:
-    if t is None:
-        return None
-    if t.shape != shape:
-        return f"{name} has shape {tuple(t.shape)}, expected {shape}"
-    if t.device != x.device:
-        return f"{name} is on {t.device} but the input is on {x.device}"
-    if t.dtype != x.dtype if same_dtype else not t.is_floating_point():
-        return f"{name} is {t.dtype}; the input is {x.dtype}"
-    return None
-
-
-def _masks_reason(x: Tensor, heads: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> str | None:
-    B, N = x.shape[:2]
-    broadcast = tuple((b, h, N, N) for b in (B, 1) for h in (heads, 1))
-    for name, m, shapes in (("attention mask", attn_mask, ((N, N), (B * heads, N, N), *broadcast)),
-                            ("key padding mask", key_padding_mask, ((B, N),))):
-        if m is None:
-            continue
-        if m.dtype != torch.bool and m.dtype not in _KERNEL_DTYPES:
-            return f"the {name} is {m.dtype}"
-        if tuple(m.shape) not in shapes or m.device != x.device:
-            return f"the {name} of shape {tuple(m.shape)} on {m.device} does not fit the input"
-    return None
-
-
-def block_input_reason(x: object, w: BlockWeights, key_padding_mask: Tensor | None = None,
-                       attn_mask: Tensor | None = None) -> str | None:
-    """Why ``x``, ``w`` and the masks cannot run as one fused block, or None."""
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        return f"the input is not a [batch, tokens, width] tensor (shape {tuple(getattr(x, 'shape', ()))})"
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"{x.dtype} input"
-    if w.activation is None:
-        return "the MLP's activation is not one the kernels fuse"
-    width, inner, hidden = x.shape[-1], w.proj_weight.shape[-1], w.fc1_weight.shape[0]
-    if w.proj_weight.dim() != 2 or w.fc1_weight.dim() != 2:
-        return "proj or fc1 weight is not 2-D"
-    if w.num_heads < 1 or inner % w.num_heads:
-        return f"attention width {inner} does not split into {w.num_heads} heads"
-    expected = (
-        ("qkv weight", w.qkv_weight, (3 * inner, width), True), ("qkv bias", w.qkv_bias, (3 * inner,), True),
-        ("proj weight", w.proj_weight, (width, inner), True), ("proj bias", w.proj_bias, (width,), True),
-        ("fc1 weight", w.fc1_weight, (hidden, width), True), ("fc1 bias", w.fc1_bias, (hidden,), True),
-        ("fc2 weight", w.fc2_weight, (width, hidden), True), ("fc2 bias", w.fc2_bias, (width,), True),
-        ("norm1 weight", w.norm1[0], (width,), False), ("norm1 bias", w.norm1[1], (width,), False),
-        ("norm2 weight", w.norm2[0], (width,), False), ("norm2 bias", w.norm2[1], (width,), False),
-        ("proj scale", w.proj_scale, (width,), False), ("fc2 scale", w.fc2_scale, (width,), False),
-    )
-    if isinstance(w.qkv_weight, tuple):  # q, k and v apart, each [inner, width]
-        expected = tuple((f"{n} weight", t, (inner, width), True) for n, t in zip("qkv", w.qkv_weight)) + tuple(
-            (f"{n} bias", t, (inner,), True) for n, t in zip("qkv", w.qkv_bias or (None,) * 3)) + expected[2:]
-    for name, t, shape, same_dtype in expected:
-        reason = _shape_reason(name, t, shape, x, same_dtype)
-        if reason is not None:
-            return reason
-    if not all(eps >= 0 for eps in (w.norm1[2], w.norm2[2])):
-        return "a LayerNorm has a negative eps"
-    return _masks_reason(x, w.num_heads, key_padding_mask, attn_mask)
-
-
-def _check(x: Tensor, w: BlockWeights, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> None:
-    """Before the first launch, so a block runs whole on the kernels or not at all: never an error
-    after some of its kernels have run. The stand-ins run the original forward on ``Unfusable``."""
-    reason = block_input_reason(x, w, key_padding_mask, attn_mask)
-    if reason is not None:
-        raise Unfusable(reason)
-
-
-def _packed(t: Tensor | tuple[Tensor, ...] | None) -> Tensor | None:
-    return torch.cat(t) if isinstance(t, tuple) else t
+def _packed(t: Tensor | tuple[Tensor | None, ...] | None) -> Tensor | None:
+    """q, k and v apart as one packed tensor; a missing bias among present ones (EVA's k) is zeros."""
+    if not isinstance(t, tuple):
+        return t
+    present = next((p for p in t if p is not None), None)
+    return None if present is None else torch.cat([torch.zeros_like(present) if p is None else p for p in t])
 
 
 def _attend(y: Tensor, w: BlockWeights, key_padding_mask, attn_mask, is_causal: bool,
-            batch_first: bool = True) -> Tensor:
-    """Attention of the tokens ``y`` ([B, N, D], or [N, B, D] when not ``batch_first``): [B, N, D]."""
+            batch_first: bool = True, rope: tuple = (None, 0, False)) -> Tensor:
+    """Attention of the tokens ``y`` ([B, N, D], or [N, B, D] when not ``batch_first``): [B, N, D],
+    through the attention norm when the block has one."""
     qkv = linear(y, _packed(w.qkv_weight), _packed(w.qkv_bias))
-    return attention(qkv if batch_first else qkv.transpose(0, 1), w.num_heads, key_padding_mask=key_padding_mask,
-                     attn_mask=attn_mask, scale=w.scale, is_causal=is_causal)
+    table, prefix, half = rope
+    a = attention(qkv if batch_first else qkv.transpose(0, 1), w.num_heads, key_padding_mask=key_padding_mask,
+                  attn_mask=attn_mask, scale=w.scale, is_causal=is_causal, rope=table, rope_prefix=prefix,
+                  rope_half=half)
+    return a if w.attn_norm is None else layer_norm(a, *w.attn_norm)
+
+
+def mlp_branch(y: Tensor, w: BlockWeights, residual: Tensor) -> Tensor:
+    """residual + scale · fc2(norm(act(fc1(y)))), fc1 gated or not, the norm when ``w`` has one. ``w``
+    is anything with BlockWeights' MLP fields (fc1_*, fc2_*, activation, mlp_norm, fc2_scale)."""
+    if not isinstance(w.fc1_weight, tuple) and w.mlp_norm is None:
+        return mlp(y, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, activation=w.activation,
+                   residual=residual, scale=w.fc2_scale)
+    if isinstance(w.fc1_weight, tuple):
+        (gate_w, value_w), (gate_b, value_b) = w.fc1_weight, w.fc1_bias or (None, None)
+        h = gated_linear(y, gate_w, gate_b, value_w, value_b, activation=w.activation)
+    else:
+        h = linear(y, w.fc1_weight, w.fc1_bias, activation=w.activation)
+    if w.mlp_norm is not None:
+        h = layer_norm(h, *w.mlp_norm)
+    return linear(h, w.fc2_weight, w.fc2_bias, residual=residual, scale=w.fc2_scale)
 
 
 def pre_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,
-                   is_causal: bool = False, batch_first: bool = True) -> Tensor:
+                   is_causal: bool = False, batch_first: bool = True, rope: Tensor | None = None,
+                   rope_prefix: int = 0, rope_half: bool = False) -> Tensor:
     """x + attn(LN1(x)), then + mlp(LN2(·)); x is [B, N, D], or sequence-first [N, B, D] when not
-    ``batch_first`` (OpenAI CLIP's layout), and the result keeps x's layout."""
-    _check(x if batch_first else x.transpose(0, 1), w, key_padding_mask, attn_mask)
-    a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal, batch_first)
+    ``batch_first`` (OpenAI CLIP's layout), and the result keeps x's layout. ``rope`` (timm's
+    [sin | cos] table), ``rope_prefix`` and ``rope_half`` rotate q and k as ``vitfast.ops.attention`` does."""
+    check_block(x if batch_first else x.transpose(0, 1), w, key_padding_mask, attn_mask, rope, rope_prefix)
+    a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal, batch_first,
+                (rope, rope_prefix, rope_half))
     # Sequence-first: the out-projection reads the attention output back in x's layout.
     x = linear(a if batch_first else a.transpose(0, 1), w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale)
-    return mlp(layer_norm(x, *w.norm2), w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias,
-               activation=w.activation, residual=x, scale=w.fc2_scale)
+    return mlp_branch(layer_norm(x, *w.norm2), w, x)
 
 
 def post_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,
                     is_causal: bool = False) -> Tensor:
     """LN1(x + attn(x)), then LN2(· + mlp(·)); x is [B, N, D] (batch first)."""
-    _check(x, w, key_padding_mask, attn_mask)
+    check_block(x, w, key_padding_mask, attn_mask)
     a = _attend(x, w, key_padding_mask, attn_mask, is_causal)
     x = layer_norm(linear(a, w.proj_weight, w.proj_bias, residual=x), *w.norm1)
-    return layer_norm(mlp(x, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias,
-                          activation=w.activation, residual=x), *w.norm2)
+    return layer_norm(mlp_branch(x, w, x), *w.norm2)

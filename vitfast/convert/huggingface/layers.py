@@ -1,7 +1,8 @@
 """Hugging Face encoder layers (pre-norm; q, k and v projected apart) as one fused block: ViT, DeiT,
 CLIP, SigLIP (and SigLIP 2), DINOv2 (with and without registers). Each is matched by its exact class
 and read through a ``Layout`` naming where its forward finds each part; transformers 4's ``ViTLayer``
-(self-attention and output modules nested a level deeper) is read as well."""
+(self-attention and output modules nested a level deeper) is read as well. DINOv2's SwiGLU MLP runs
+its gate product in fc1's epilogue."""
 from __future__ import annotations
 
 import math
@@ -70,7 +71,8 @@ def _field(module: nn.Module, *names: str):
 def _v5_parts(layer: nn.Module, layout: Layout) -> dict | None:
     m = layer._modules
     a, mlp = m.get(layout.attention), m.get("mlp")
-    if not (is_exactly(a, layout.part("Attention")) and is_exactly(mlp, layout.part("MLP"))):
+    gated = is_exactly(mlp, layout.part("SwiGLUFFN"))  # DINOv2's: down(silu(gate(x)) * up(x))
+    if not (is_exactly(a, layout.part("Attention")) and (gated or is_exactly(mlp, layout.part("MLP")))):
         return None
     am = a._modules
     scales = [m.get(n) for n in layout.layer_scales or ()]
@@ -80,8 +82,13 @@ def _v5_parts(layer: nn.Module, layout: Layout) -> dict | None:
     if layout.drop_path and not is_exactly(drop_path, _IDENTITY, layout.part("DropPath")):
         return None
     heads, head_dim = _field(a, "num_attention_heads", "num_heads"), _field(a, "head_dim")
+    mm = mlp._modules
+    if gated:
+        fc1, fc2 = (mm.get("gate_proj"), mm.get("up_proj")), mm.get("down_proj")
+    else:
+        fc1, fc2 = mm.get("fc1"), mm.get("fc2")
     return dict(q=am.get("q_proj"), k=am.get("k_proj"), v=am.get("v_proj"), o=am.get(layout.out_proj),
-                fc1=mlp._modules.get("fc1"), fc2=mlp._modules.get("fc2"), act=getattr(mlp, "activation_fn", None),
+                fc1=fc1, fc2=fc2, act=getattr(mlp, "act_fn" if gated else "activation_fn", None),
                 heads=heads, head_dim=head_dim, scale=_field(a, "scaling", "scale"), attn=a,
                 attn_drop=_field(a, "attention_dropout", "dropout"), norms=tuple(m.get(n) for n in layout.norms),
                 drops=tuple(m.get(n) for n in layout.dropouts), scales=scales, drop_path=drop_path)
@@ -115,11 +122,9 @@ def _parts(layer: nn.Module) -> dict | None:
 def layer_reason(layer: nn.Module) -> str | None:
     parts = _parts(layer)
     if parts is None:
-        mlp = layer._modules.get("mlp")
-        if mlp is not None and "fc1" not in mlp._modules:
-            return f"mlp is a {type(mlp).__name__} (a gated MLP is not fused)"
         return "not the attention/MLP layout of transformers' own classes"
-    if not all(is_exactly(parts[n], _LINEAR) for n in ("q", "k", "v", "o", "fc1", "fc2")):
+    fc1 = parts["fc1"] if isinstance(parts["fc1"], tuple) else (parts["fc1"],)
+    if not all(is_exactly(m, _LINEAR) for m in (*fc1, *(parts[n] for n in ("q", "k", "v", "o", "fc2")))):
         return "a projection is not an nn.Linear"
     if not all(is_exactly(d, _DROPOUT) for d in parts["drops"]):
         return "a dropout is not nn.Dropout"
@@ -163,7 +168,11 @@ class FusedHFEncoderLayer(Fused):
     def _weights(self) -> BlockWeights:
         p = _parts(self)
         (q_w, q_b), (k_w, k_b), (v_w, v_b) = (linear_params(p[n]) for n in "qkv")
-        (o_w, o_b), (fc1_w, fc1_b), (fc2_w, fc2_b) = (linear_params(p[n]) for n in ("o", "fc1", "fc2"))
+        (o_w, o_b), (fc2_w, fc2_b) = (linear_params(p[n]) for n in ("o", "fc2"))
+        if isinstance(p["fc1"], tuple):  # gate, up: a gated MLP
+            fc1_w, fc1_b = zip(*(linear_params(m) for m in p["fc1"]))
+        else:
+            fc1_w, fc1_b = linear_params(p["fc1"])
         scales = [s._parameters["lambda1"] for s in p["scales"]] or [None, None]
         return BlockWeights(
             num_heads=p["heads"], qkv_weight=(q_w, k_w, v_w), qkv_bias=None if q_b is None else (q_b, k_b, v_b),
