@@ -63,13 +63,43 @@ def vit_ops(model: str, batch: int, img: int, elem: int) -> list[Op]:
     return ops
 
 
-def table(ops: list[Op], tflops: float, gbs: float, batch: int) -> str:
+def modern_ops(batch: int, elem: int, table_elem: int = 4) -> list[Op]:
+    """The ops EVA02 and SigLIP add, per launch: attention with the 2-D rotary embedding (q and k rotated
+    as they are loaded: 3 FLOPs per element of each, the [sin | cos] table read once, fp32), the SwiGLU
+    fc1 (two GEMMs sharing x's tiles, silu(gate)·value in the epilogue, one write of the hidden
+    activations), its sub-LN, and the attention-pooling head's short-query attention and k | v GEMM.
+    Shapes: EVA02-B/14 at 224 px (256 patches + CLS, width 768, 12 heads, SwiGLU hidden 2048) and
+    SigLIP-B/16's head (196 tokens, 1 query, width 768, 12 heads)."""
+    b, d, h = batch, 768, 12
+    n, hid = 257, 2048
+    m = b * n
+    rope_f = 4.0 * b * h * n * n * (d // h) + 2 * 3.0 * m * d
+    rope_b = elem * 4 * m * d + 4.0 * b * h * n + table_elem * (n - 1) * 2 * (d // h)
+    swiglu_f = 2.0 * m * d * 2 * hid + 5.0 * m * hid  # silu (≈4) and the product, per hidden element
+    swiglu_b = elem * (m * d + 2 * hid * d + 2 * hid + m * hid)
+    pool_n, queries = 196, 1
+    pool_f = 4.0 * b * h * queries * pool_n * (d // h)
+    pool_b = elem * (queries * d + 2 * b * pool_n * d + b * queries * d) + 4.0 * b * h * queries
+    kv_f = 2.0 * b * pool_n * d * 2 * d
+    kv_b = elem * (b * pool_n * d + 2 * d * d + 2 * d + b * pool_n * 2 * d)
+    return [
+        Op("EVA02-B attention + 2-D RoPE (1 prefix token)", 1, rope_f, rope_b),
+        Op("EVA02-B SwiGLU fc1 (gated_linear)", 1, swiglu_f, swiglu_b),
+        Op("EVA02-B sub-LN over the hidden activations", 1, 0.0, elem * 2 * m * hid + 2 * hid * elem),
+        Op("SigLIP-B MAP head k and v GEMM", 1, kv_f, kv_b),
+        Op("SigLIP-B MAP head attention (1 query)", 1, pool_f, pool_b),
+    ]
+
+
+def table(ops: list[Op], tflops: float, gbs: float, batch: int, totals: bool = True) -> str:
     lines = ["| op | launches | GFLOP | MB moved | FLOP/byte | bound by | lower bound ms |",
              "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for o in ops:
         intensity = o.flops / o.bytes if o.bytes else float("inf")
         lines.append(f"| {o.name} | {o.launches} | {o.flops / 1e9:,.1f} | {o.bytes / 1e6:,.1f} | {intensity:,.0f} | "
                      f"{o.limiter(tflops, gbs)} | {o.bound_ms(tflops, gbs):.3f} |")
+    if not totals:
+        return "\n".join(lines)
     total_ms = sum(o.bound_ms(tflops, gbs) for o in ops)
     total_f = sum(o.flops for o in ops)
     lines.append(f"| **total** | {sum(o.launches for o in ops)} | {total_f / 1e9:,.1f} | "
@@ -94,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{a.model}, {a.img_size} px, batch {a.batch}, {a.bytes_per_element}-byte elements; peaks "
           f"{a.matmul_tflops:.0f} TFLOP/s, {a.copy_gbs:.0f} GB/s\n")
     print(table(ops, a.matmul_tflops, a.copy_gbs, a.batch))
+    print("\nRotary attention, SwiGLU and attention pooling, one launch each at the same batch:\n")
+    print(table(modern_ops(a.batch, a.bytes_per_element), a.matmul_tflops, a.copy_gbs, a.batch, totals=False))
 
 
 if __name__ == "__main__":
