@@ -109,3 +109,60 @@ def test_eva_rotary_table_that_needs_grad_stays_exact(monkeypatch):
         fast(x).sum().backward()
     for (name, p), q in zip(fast.named_parameters(), pt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _attention_pool_head(**options):
+    from timm.layers import AttentionPoolLatent
+
+    return AttentionPoolLatent(WIDTH, num_heads=HEADS, **options)
+
+
+@pytest.mark.parametrize("options", [dict(out_features=0), dict(q_proj=False, pool_type="", latent_len=3),
+                                     dict(pos_embed="abs", feat_size=17, norm_layer=torch.nn.LayerNorm)],
+                         ids=["no-mlp", "no-q-projection", "position-embedding"])
+def test_timm_attention_pool_options(options):
+    """timm's head without an MLP (out_features=0: ``mlp`` is None), with the latent as the query, or
+    with its own position embedding, runs on the kernels."""
+    require_triton_path()
+    head = randomize(_attention_pool_head(**options)).to(DEVICE).eval()
+    x = torch.randn(2, 17, WIDTH, device=DEVICE)
+    with torch.no_grad():
+        ref, pt = copy.deepcopy(head).double()(x.double()), head(x)
+        fast = vitfast.optimize(copy.deepcopy(head))
+        with runtime.count_launches() as launches:
+            out = fast(x)
+    assert launches.get("attention") == 1, launches
+    assert_parity(out, pt, ref)
+
+
+def _siglip2_head():
+    from transformers import Siglip2VisionConfig
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2MultiheadAttentionPoolingHead
+
+    return Siglip2MultiheadAttentionPoolingHead(Siglip2VisionConfig(hidden_size=WIDTH, num_attention_heads=HEADS,
+                                                                     intermediate_size=4 * WIDTH))
+
+
+@pytest.mark.parametrize("implementation,all_padding,fused", [
+    ("sdpa", False, True), ("eager", False, True), ("sdpa", True, False), (None, False, False)])
+def test_siglip2_head_masks_as_transformers_does(implementation, all_padding, fused):
+    """SigLIP 2's head builds its mask for the attention implementation: the kernel takes sdpa's and
+    eager's padding mask; an image that is all padding (transformers then attends to every token) and
+    a head built outside a model (no implementation set: transformers ignores the mask) run
+    transformers' code."""
+    require_triton_path()
+    head = randomize(_siglip2_head()).to(DEVICE).eval()
+    head.config._attn_implementation = implementation
+    x = torch.randn(3, 17, WIDTH, device=DEVICE)
+    mask = torch.ones(3, 17, dtype=torch.long, device=DEVICE)
+    mask[1, 10:] = 0
+    if all_padding:
+        mask[2] = 0
+    with torch.no_grad():
+        ref = copy.deepcopy(head).double()(x.double(), attention_mask=mask)
+        pt = head(x, attention_mask=mask)
+        fast = vitfast.optimize(copy.deepcopy(head))
+        with runtime.count_launches() as launches:
+            out = fast(x, attention_mask=mask)
+    assert ("attention" in launches) == fused, launches
+    assert_parity(out, pt, ref)

@@ -51,13 +51,13 @@ class FusedTimmAttentionPool(Fused):
     def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None) -> bool:
         # An attn_mask (SDPA's convention) and dropout run timm's own code.
         m = self._modules
-        mlp = m["mlp"]
+        mlp = m.get("mlp")  # out_features=0: no MLP (an attribute set to None, not a submodule)
         sites = [m["proj_drop"]] + ([] if mlp is None else [mlp._modules["drop1"], mlp._modules["drop2"]])
         return attn_mask is not None or drops(*((d, _drop_p(d)) for d in sites))
 
     def _weights(self) -> PoolWeights:
         m = self._modules
-        q, mlp = m["q"], m["mlp"]
+        q, mlp = m["q"], m.get("mlp")
         q_w, q_b = (None, None) if is_exactly(q, _IDENTITY) else linear_params(q)
         proj_w, proj_b = (None, None) if mlp is None else linear_params(m["proj"])
         parts = dict(fc1_weight=None, fc1_bias=None, fc2_weight=None, fc2_bias=None, activation=None) \

@@ -40,13 +40,18 @@ def pooling_head_reason(head: nn.Module) -> str | None:
 
 
 def _padding(attention_mask: object, x: object) -> Tensor | None:
-    """transformers' 2-D padding mask (1 = token, 0 = padding) as the kernel's key padding mask."""
+    """transformers' 2-D padding mask (1 = token, 0 = padding) as the kernel's key padding mask.
+    transformers adds finfo.min where the mask is 0, so an image that is all padding attends (almost
+    uniformly) to every token; the kernel would give zeros there, so such a call runs transformers' code."""
     if attention_mask is None:
         return None
     if not (isinstance(attention_mask, Tensor) and isinstance(x, Tensor)
             and tuple(attention_mask.shape) == tuple(x.shape[:2])):
         raise Unfusable("an attention mask that is not a [batch, tokens] padding mask")
-    return attention_mask == 0
+    padding = attention_mask == 0
+    if padding.all(-1).any():
+        raise Unfusable("an image whose every token is padding")
+    return padding
 
 
 class FusedHFAttentionPoolingHead(Fused):
@@ -58,7 +63,12 @@ class FusedHFAttentionPoolingHead(Fused):
 
     def _vitfast_declines(self, hidden_state: Tensor, attention_mask: Tensor | None = None) -> bool:
         attn = self._modules["attention"]
-        return drops((attn, attn.dropout))
+        if drops((attn, attn.dropout)):
+            return True
+        # SigLIP 2 builds the head's mask for its attention implementation, and none at all when the
+        # implementation is unset (a head built outside a model); the kernel reproduces sdpa's and eager's.
+        config = self.__dict__.get("config")
+        return attention_mask is not None and getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
 
     def _weights(self) -> PoolWeights:
         m = self._modules
