@@ -12,6 +12,11 @@ Training: the forward also stores both pre-activations Z = [Zg | Zv] (one extra 
 ``linear`` stores its pre-activation. The backward is one elementwise launch, dZg = dY ⊙ Zv ⊙ act'(Zg)
 and dZv = dY ⊙ act(Zg), then GEMMs on the linear kernel through strides (see ``ops.gated_linear``).
 
+Dropout (timm SwiGLU's ``drop1``, training): Y = dropout_p(act(Zg) ⊙ Zv) in the same epilogue, the
+keep mask Philox keyed by a seed and the element's (row, column) of Y (``kernels/_random.py``, the
+GEMM site, as ``linear``). The backward's elementwise launch regenerates it and starts from
+dY ⊙ mask/(1 - p): the mask is never stored, and Z stays undropped.
+
 Traffic per forward launch (element size e): M·K·e of X once per column of tiles (L2 absorbs most
 re-reads), 2·H·K·e of weights, M·H·e of Y written (plus 2·M·H·e of Z when training).
 """
@@ -24,8 +29,8 @@ import triton.language as tl
 from . import _tuning
 from ._layout import vector_stride
 from .linear import (
-    ACTIVATIONS, _activate, _activate_bwd, _interpreter_configs, _interpreting, _tile_position, input_precision,
-    prune_tiles, tile_configs,
+    ACTIVATIONS, _activate, _activate_bwd, _interpreter_configs, _interpreting, _tile_position, gemm_keep,
+    input_precision, prune_tiles, tile_configs,
 )
 
 
@@ -52,11 +57,12 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 )
 @triton.jit
 def _gated_linear_kernel(
-    X, WG, WV, BG, BV, Y, Z,
+    X, WG, WV, BG, BV, Y, Z, SEED,
     M, H, K, M_BUCKET,
     stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wvn, stride_wvk, stride_bg, stride_bv, stride_ym, stride_zm,
+    dropout_p, keep_scale,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_VALUE_BIAS: tl.constexpr,
-    STORE_PREACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STORE_PREACT: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N tile of Y per program.
@@ -68,7 +74,9 @@ def _gated_linear_kernel(
     Y: [M, H] act(X · WGᵀ + BG) ⊙ (X · WVᵀ + BV) (row stride ``stride_ym``, unit column stride).
     Z: [M, 2H] pre-activations in Y's dtype, the gate's X · WGᵀ + BG in columns [0, H) and the value's
        X · WVᵀ + BV in [H, 2H) (row stride ``stride_zm``, unit column stride), written only when
-       STORE_PREACT, for the backward.
+       STORE_PREACT, for the backward (undropped).
+    SEED: [1] int64 Philox key of Y's dropout mask (read only when DROPOUT): each element of Y is kept
+       with probability 1 - ``dropout_p`` and multiplied by ``keep_scale`` = 1 / (1 - dropout_p).
     M_BUCKET only keys the autotuner; tiles are walked as ``_tile_position`` orders them.
     """
     tile_m, tile_n = _tile_position(tl.program_id(0), M, H, BLOCK_M, BLOCK_N, GROUP_M)
@@ -110,6 +118,8 @@ def _gated_linear_kernel(
         tl.store(z_ptrs, acc_g.to(Z.dtype.element_ty), mask=mask)
         tl.store(z_ptrs + H, acc_v.to(Z.dtype.element_ty), mask=mask)
     y = _activate(acc_g, ACTIVATION) * acc_v
+    if DROPOUT:  # where, not a multiply by 0: an infinite product drops to 0, not NaN
+        y = tl.where(gemm_keep(SEED, rows[:, None], cols[None, :], dropout_p), y * keep_scale, 0.0)
     tl.store(Y + rows64[:, None] * stride_ym + cols64[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -122,14 +132,19 @@ def gated_linear_fwd(
     activation: str,
     y: torch.Tensor,
     z: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    keep_scale: float = 1.0,
 ) -> None:
     """Launch over 2-D views: x [M, K] and the weights [H, K] with any strides, 1-D biases [H] with any
     stride; y [M, H] (and z [M, 2H], which receives [gate | value] pre-activations when given) with
-    unit column stride."""
+    unit column stride. Given ``seed`` (int64 [1]), y's elements drop with probability ``dropout_p``
+    and survivors are multiplied by ``keep_scale``."""
     M, K = x.shape
     H = gate_weight.shape[0]
     assert y.stride(1) == 1 and activation in ACTIVATIONS
     assert z is None or (z.shape == (M, 2 * H) and z.stride(1) == 1)
+    assert seed is None or (seed.dtype == torch.int64 and seed.numel() == 1)
     if M == 0 or H == 0:
         return
 
@@ -138,33 +153,37 @@ def gated_linear_fwd(
 
     _gated_linear_kernel[grid](
         x, gate_weight, value_weight, gate_bias if gate_bias is not None else y,
-        value_bias if value_bias is not None else y, y, z if z is not None else y,
+        value_bias if value_bias is not None else y, y, z if z is not None else y, seed if seed is not None else y,
         M, H, K, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1),
         value_weight.stride(0), value_weight.stride(1), vector_stride(gate_bias), vector_stride(value_bias),
-        y.stride(0), z.stride(0) if z is not None else 0,
+        y.stride(0), z.stride(0) if z is not None else 0, float(dropout_p), float(keep_scale),
         ACTIVATION=activation, HAS_GATE_BIAS=gate_bias is not None, HAS_VALUE_BIAS=value_bias is not None,
-        STORE_PREACT=z is not None, INPUT_PRECISION=input_precision(x.dtype),
+        STORE_PREACT=z is not None, DROPOUT=seed is not None, INPUT_PRECISION=input_precision(x.dtype),
     )
 
 
 @triton.jit
 def _gated_epilogue_bwd_kernel(
-    DY, Z, DZ, M, H,
+    DY, Z, DZ, SEED, M, H,
     stride_dym, stride_dyn, stride_zm, stride_dzm,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dropout_p, keep_scale,
+    ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Backward of the epilogue act(Zg) ⊙ Zv on one BLOCK_M × BLOCK_N tile, in fp32.
+    """Backward of the epilogue dropout(act(Zg) ⊙ Zv) on one BLOCK_M × BLOCK_N tile, in fp32.
 
     DY: [M, H] upstream gradient of Y, any strides (autograd may hand in an expanded tensor).
     Z: [M, 2H] the forward's pre-activations [Zg | Zv] (row stride ``stride_zm``, unit column stride).
     DZ: [M, 2H] receives [dY ⊙ Zv ⊙ act'(Zg) | dY ⊙ act(Zg)] in Z's dtype, rounded once on the store
-       (row stride ``stride_dzm``, unit column stride).
+       (row stride ``stride_dzm``, unit column stride); with DROPOUT, dY is first replaced by
+       dY ⊙ M·``keep_scale``, M the forward's keep mask regenerated from SEED ([1] int64).
     """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < H)[None, :]
     g = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        g = tl.where(gemm_keep(SEED, rows[:, None], cols[None, :], dropout_p), g * keep_scale, 0.0)
     z_ptrs = Z + rows[:, None] * stride_zm + cols[None, :]
     zg = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
     zv = tl.load(z_ptrs + H, mask=mask, other=0.0).to(tl.float32)
@@ -173,9 +192,11 @@ def _gated_epilogue_bwd_kernel(
     tl.store(dz_ptrs + H, (g * _activate(zg, ACTIVATION)).to(DZ.dtype.element_ty), mask=mask)
 
 
-def gated_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: torch.Tensor) -> None:
-    """Fill ``dz`` [M, 2H] with [dy ⊙ zv ⊙ act'(zg) | dy ⊙ act(zg)] from dy [M, H] (any strides) and the
-    forward's z = [zg | zv] [M, 2H]; z and dz have unit column stride."""
+def gated_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: torch.Tensor,
+                       seed: torch.Tensor | None = None, dropout_p: float = 0.0, keep_scale: float = 1.0) -> None:
+    """Fill ``dz`` [M, 2H] with [g ⊙ zv ⊙ act'(zg) | g ⊙ act(zg)] from dy [M, H] (any strides) and the
+    forward's z = [zg | zv] [M, 2H], g = dy, or dy ⊙ mask·keep_scale with the forward's keep mask
+    regenerated from ``seed`` and ``dropout_p``; z and dz have unit column stride."""
     M, H = dy.shape
     assert activation in ACTIVATIONS
     for t in (z, dz):
@@ -184,6 +205,7 @@ def gated_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: t
         return
     block_m, block_n = 32, 128
     _gated_epilogue_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(H, block_n))](
-        dy, z, dz, M, H, dy.stride(0), dy.stride(1), z.stride(0), dz.stride(0),
-        ACTIVATION=activation, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        dy, z, dz, dz if seed is None else seed, M, H, dy.stride(0), dy.stride(1), z.stride(0), dz.stride(0),
+        float(dropout_p), float(keep_scale),
+        ACTIVATION=activation, DROPOUT=seed is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )

@@ -1,4 +1,4 @@
-"""Tiled GEMM with a fused epilogue, Y = s ⊙ act(X · Wᵀ + b) + R, and its backward.
+"""Tiled GEMM with a fused epilogue, Y = r ⊙ s ⊙ dropout(act(X · Wᵀ + b)) + R, and its backward.
 
 X and W are read through their strides (W in ``nn.Linear`` layout [out, in]), so no transposed copy
 is ever made. The product accumulates in fp32; bias, activation (exact GELU, tanh GELU, CLIP's
@@ -9,12 +9,20 @@ launches: fc1 + bias + GELU, then fc2 + bias (+ scale) + residual.
 Training: the forward also stores the pre-activation Z = X · Wᵀ + b (one extra M·N·e write, what
 PyTorch's eager autograd keeps too) instead of recomputing a GEMM in the backward. The backward is
 one elementwise launch, dZ = dY ⊙ s ⊙ act'(Z), which in the same pass sums dY ⊙ act(Z) over its rows
-for the scale's gradient (none at all when there is neither activation nor scale: dZ = dY), then
+for the scale's gradient (none at all when there is no activation, scale, dropout or row factor:
+dZ = dY), then
 the forward kernel twice through strides: dX = dZ · W reads W transposed, dW = dZᵀ · X reads both
 operands transposed.
 
+Dropout and stochastic depth (training): Y = R + r ⊙ s ⊙ dropout_p(act(X · Wᵀ + b)), with r a
+per-row factor (stochastic depth's per-sample scale, an fp32 [M] vector). The keep mask is Philox
+keyed by a seed and the element's (row, column) (``kernels/_random.py``), so the backward's
+elementwise kernel regenerates it, dZ = dY ⊙ r ⊙ s ⊙ mask/(1 - p) ⊙ act'(Z): the mask is never
+stored, and Z stays the undropped pre-activation.
+
 Traffic per launch (element size e): read M·K·e of X once per column of tiles (L2 absorbs most
-re-reads thanks to the grouped tile order), N·K·e of W, M·N·e of R; write M·N·e of Y.
+re-reads thanks to the grouped tile order), N·K·e of W, M·N·e of R (and 4·M bytes of r); write M·N·e
+of Y. Dropout adds no memory traffic beyond the 8-byte seed.
 """
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ import triton.language as tl
 
 from . import _tuning
 from ._layout import vector_stride
+from ._random import GEMM, keep
+
+_GEMM_SITE = tl.constexpr(GEMM)
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
@@ -162,6 +173,16 @@ def _activate_bwd(g, z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def gemm_keep(SEED, rows, cols, p):
+    """True where output element (rows, cols) of a GEMM survives dropout with probability p: the
+    coordinates ``kernels/_random.py`` fixes for the GEMM site (column, row's low 32 bits, row >> 32),
+    so every kernel that applies or differentiates the mask, and ``keep_mask``, agree."""
+    rows64 = rows.to(tl.int64)
+    return keep(tl.load(SEED), cols.to(tl.int32), (rows64 & 0xFFFFFFFF).to(tl.int32), (rows64 >> 32).to(tl.int32),
+                _GEMM_SITE, p)
+
+
+@triton.jit
 def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile) of program ``pid`` over an M × N output: programs walk the tiles in
     groups of GROUP_M row-tiles so that consecutive programs share W's column tiles and X's row tiles
@@ -183,11 +204,12 @@ def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 )
 @triton.jit
 def _linear_kernel(
-    X, W, B, S, R, Y, Z,
+    X, W, B, S, R, Y, Z, SEED, ROW_SCALE,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_zm,
+    dropout_p, keep_scale,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    STORE_PREACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STORE_PREACT: tl.constexpr, DROPOUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N tile of Y per program.
@@ -200,7 +222,10 @@ def _linear_kernel(
     R: [M, N] residual, any strides, dtype of X (read only when HAS_RESIDUAL).
     Y: [M, N] output (row stride ``stride_ym``, unit column stride).
     Z: [M, N] pre-activation X · Wᵀ + b in Y's dtype (row stride ``stride_zm``, unit column stride),
-       written only when STORE_PREACT, for the backward.
+       written only when STORE_PREACT, for the backward (undropped, unscaled).
+    SEED: [1] int64 Philox key of the dropout mask (read only when DROPOUT): act's output is kept
+       with probability 1 - ``dropout_p`` and multiplied by ``keep_scale`` = 1 / (1 - dropout_p).
+    ROW_SCALE: [M] contiguous fp32 per-row factor (stochastic depth), read only when HAS_ROW_SCALE.
     M_BUCKET only keys the autotuner; tiles are walked as ``_tile_position`` orders them.
     """
     tile_m, tile_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -232,8 +257,12 @@ def _linear_kernel(
     if STORE_PREACT:
         tl.store(Z + rows64[:, None] * stride_zm + cols[None, :], acc.to(Z.dtype.element_ty), mask=mask)
     acc = _activate(acc, ACTIVATION)
+    if DROPOUT:  # where, not a multiply by 0: an infinite activation drops to 0, not NaN
+        acc = tl.where(gemm_keep(SEED, rows[:, None], cols[None, :], dropout_p), acc * keep_scale, 0.0)
     if HAS_SCALE:
         acc *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_ROW_SCALE:
+        acc *= tl.load(ROW_SCALE + rows64, mask=rows < M, other=0.0)[:, None]
 
     if HAS_RESIDUAL:
         r = tl.load(R + rows64[:, None] * stride_rm + cols64[None, :] * stride_rn, mask=mask, other=0.0)
@@ -250,13 +279,22 @@ def linear_fwd(
     y: torch.Tensor,
     z: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    keep_scale: float = 1.0,
+    row_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch over 2-D views: x [M, K], weight [N, K] and residual [M, N] with any strides, 1-D bias
     and scale [N] with any stride; y [M, N] (and z [M, N], which receives the pre-activation when
-    given) with unit column stride."""
+    given) with unit column stride. Given ``seed`` (int64 [1]), act's output drops with probability
+    ``dropout_p`` and survivors are multiplied by ``keep_scale``; ``row_scale`` (contiguous fp32 [M])
+    multiplies each row after the scale."""
     M, K = x.shape
     N = weight.shape[0]
     assert y.stride(1) == 1 and (z is None or z.stride(1) == 1) and activation in ACTIVATIONS
+    assert seed is None or (seed.dtype == torch.int64 and seed.numel() == 1)
+    assert row_scale is None or (row_scale.shape == (M,) and row_scale.dtype == torch.float32
+                                 and row_scale.is_contiguous())
     if M == 0 or N == 0:
         return
 
@@ -266,33 +304,41 @@ def linear_fwd(
     _linear_kernel[grid](
         x, weight, bias if bias is not None else y, scale if scale is not None else y,
         residual if residual is not None else y, y, z if z is not None else y,
+        seed if seed is not None else y, row_scale if row_scale is not None else y,
         M, N, K, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), vector_stride(bias), vector_stride(scale),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         y.stride(0), z.stride(0) if z is not None else 0,
+        float(dropout_p), float(keep_scale),
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None,
-        STORE_PREACT=z is not None, INPUT_PRECISION=input_precision(x.dtype),
+        HAS_RESIDUAL=residual is not None, STORE_PREACT=z is not None, DROPOUT=seed is not None,
+        HAS_ROW_SCALE=row_scale is not None, INPUT_PRECISION=input_precision(x.dtype),
     )
 
 
 @triton.jit
 def _epilogue_bwd_kernel(
-    DY, Z, S, DZ, DS_PART, M, N,
+    DY, Z, S, DZ, DS_PART, SEED, ROW_SCALE, M, N,
     stride_dym, stride_dyn, stride_zm, stride_s, stride_dzm,
+    dropout_p, keep_scale,
     ACTIVATION: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DSCALE: tl.constexpr,
-    READ_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    READ_Z: tl.constexpr, DROPOUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Backward of the epilogue s ⊙ act(Z) on one BLOCK_M × BLOCK_N tile, in fp32.
+    """Backward of the epilogue r ⊙ s ⊙ dropout(act(Z)) on one BLOCK_M × BLOCK_N tile, in fp32.
 
     DY: [M, N] upstream gradient of Y, any strides (autograd may hand in an expanded tensor).
     Z: [M, N] pre-activation the forward stored (row stride ``stride_zm``, unit column stride);
        read when READ_Z (there is an activation, or COMPUTE_DSCALE).
     S: [N] the forward's scale, any float dtype and stride (read when HAS_SCALE).
-    DZ: [M, N] dY ⊙ s ⊙ act'(Z), dtype of Z, rounded once on the store (row stride ``stride_dzm``,
-       unit column stride; written when STORE_DZ).
+    SEED: [1] int64, the forward's dropout key (read when DROPOUT): the kernel regenerates the
+       forward's keep mask M and multiplies by M · ``keep_scale``.
+    ROW_SCALE: [M] contiguous fp32, the forward's per-row factor r (read when HAS_ROW_SCALE).
+    DZ: [M, N] dY ⊙ r ⊙ s ⊙ M·keep_scale ⊙ act'(Z), dtype of Z, rounded once on the store (row stride
+       ``stride_dzm``, unit column stride; written when STORE_DZ).
     DS_PART: [cdiv(M, BLOCK_M), N] contiguous fp32: row ``program_id(0)`` receives this tile's column
-       sums of dY ⊙ act(Z), the scale's gradient before the launcher adds the rows up (COMPUTE_DSCALE).
+       sums of dY ⊙ r ⊙ M·keep_scale ⊙ act(Z), the scale's gradient before the launcher adds the rows
+       up (COMPUTE_DSCALE).
     """
     pid_m = tl.program_id(0)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -301,12 +347,22 @@ def _epilogue_bwd_kernel(
     mask = (rows < M)[:, None] & col_ok[None, :]
     cols64 = cols.to(tl.int64)
     g = tl.load(DY + rows[:, None] * stride_dym + cols64[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROW_SCALE:
+        g *= tl.load(ROW_SCALE + rows, mask=rows < M, other=0.0)[:, None]
+    if DROPOUT:
+        kept = gemm_keep(SEED, rows[:, None], cols[None, :], dropout_p)
     if READ_Z:
         z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if COMPUTE_DSCALE:
+        # The forward's dropped activation, selected as the forward did (a dropped inf is 0, not NaN).
+        a = _activate(z, ACTIVATION)
+        if DROPOUT:
+            a = tl.where(kept, a * keep_scale, 0.0)
         # Masked elements load dY = 0, so they add nothing.
-        tl.store(DS_PART + pid_m.to(tl.int64) * N + cols, tl.sum(g * _activate(z, ACTIVATION), axis=0), mask=col_ok)
+        tl.store(DS_PART + pid_m.to(tl.int64) * N + cols, tl.sum(g * a, axis=0), mask=col_ok)
     if STORE_DZ:
+        if DROPOUT:
+            g = tl.where(kept, g * keep_scale, 0.0)
         if HAS_SCALE:
             g *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION != "none":  # z is read only then
@@ -321,16 +377,24 @@ def epilogue_bwd(
     activation: str,
     dz: torch.Tensor | None,
     compute_dscale: bool,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    keep_scale: float = 1.0,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Fill ``dz`` [M, N] (unit column stride; when given) with dy ⊙ scale ⊙ act'(z) and return the
-    scale's fp32 gradient [N], Σ_rows dy ⊙ act(z), when ``compute_dscale``. dy [M, N] has any
-    strides; z [M, N] unit column stride (needed for an activation or the scale's gradient); scale
-    [N] any stride."""
+    """Fill ``dz`` [M, N] (unit column stride; when given) with dy ⊙ row_scale ⊙ scale ⊙ mask·keep_scale
+    ⊙ act'(z) and return the scale's fp32 gradient [N], Σ_rows dy ⊙ row_scale ⊙ mask·keep_scale ⊙
+    act(z), when ``compute_dscale``. dy [M, N] has any strides; z [M, N] unit column stride (needed for
+    an activation or the scale's gradient); scale [N] any stride; the mask is regenerated from
+    ``seed`` and ``dropout_p`` as the forward drew it (none without a seed); row_scale is contiguous
+    fp32 [M]."""
     M, N = dy.shape
     assert activation in ACTIVATIONS
     assert z is not None or (activation == "none" and not compute_dscale)
     for t in (z, dz):
         assert t is None or (t.shape == (M, N) and t.stride(1) == 1)
+    assert row_scale is None or (row_scale.shape == (M,) and row_scale.dtype == torch.float32
+                                 and row_scale.is_contiguous())
     block_m, block_n = 32, 128
     dscale_part = torch.empty(triton.cdiv(M, block_m) if compute_dscale else 0, N, dtype=torch.float32,
                               device=dy.device)
@@ -338,11 +402,12 @@ def epilogue_bwd(
         dummy = dscale_part if dz is None else dz  # stands in for absent pointers, never dereferenced
         _epilogue_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             dy, dummy if z is None else z, dummy if scale is None else scale, dummy if dz is None else dz,
-            dscale_part, M, N,
+            dscale_part, dummy if seed is None else seed, dummy if row_scale is None else row_scale, M, N,
             dy.stride(0), dy.stride(1), 0 if z is None else z.stride(0), vector_stride(scale),
-            0 if dz is None else dz.stride(0),
+            0 if dz is None else dz.stride(0), float(dropout_p), float(keep_scale),
             ACTIVATION=activation, HAS_SCALE=scale is not None, STORE_DZ=dz is not None,
             COMPUTE_DSCALE=compute_dscale, READ_Z=activation != "none" or compute_dscale,
+            DROPOUT=seed is not None, HAS_ROW_SCALE=row_scale is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
         )
     return dscale_part.sum(0) if compute_dscale else None

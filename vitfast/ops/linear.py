@@ -1,53 +1,53 @@
-"""``linear`` and ``mlp``: GEMMs with the bias, the activation and the residual add fused into the
-kernel's epilogue."""
+"""``linear`` and ``mlp``: GEMMs with the bias, the activation, dropout, LayerScale, stochastic depth's
+row factor and the residual add fused into the kernel's epilogue.
+
+Dropout draws one int64 seed per dropping launch from PyTorch's generator (in the public op, outside
+the custom ops); the kernels key a Philox keep mask on it and the element's coordinates, and the
+backward regenerates the mask from the saved seed: nothing of size M·N is stored or read for it.
+With ``dropout_p == 0`` no seed is drawn (the generator is left untouched) and the kernels compile
+without the dropout code."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
-from ._dispatch import kernel_path
 from ._layout import as_rows
+from ._linear_args import (
+    activation_name, check_input, check_layer, check_residual, check_row_scale, check_scale, fallback,
+    kernel_path_for, row_vector,
+)
+from ._random import check_dropout_p, draw_seed, keep_scale
 from ._trace import fx_traceable
-from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
-
-# Accepted spellings -> the kernel's name for the epilogue activation.
-_ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-                "relu": "relu", "silu": "silu"}
-
-_TORCH_ACTIVATIONS = {
-    "none": lambda t: t,
-    "gelu": F.gelu,
-    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # as CLIP, timm, open_clip and transformers
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from ._validate import check_same_device
 
 
 @torch.library.custom_op("vitfast::linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
-    store_preact: bool = False, scale: Optional[Tensor] = None,
+    store_preact: bool = False, scale: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Y = scale ⊙ act(x · weightᵀ + bias) + residual, and the pre-activation x · weightᵀ + bias that
-    the backward needs when ``store_preact`` (else an empty tensor)."""
+    """Y = row_scale ⊙ scale ⊙ dropout(act(x · weightᵀ + bias)) + residual, and the pre-activation
+    x · weightᵀ + bias that the backward needs when ``store_preact`` (else an empty tensor). Dropout
+    (probability ``dropout_p``) runs when ``seed`` (int64 [1], drawn by the caller) is given;
+    row_scale is contiguous fp32 [M]."""
     from ..kernels.linear import linear_fwd
 
     M, N = x.shape[0], weight.shape[0]
     y = runtime.empty(M, N, dtype=x.dtype, device=x.device)
     z = runtime.empty(M, N, dtype=x.dtype, device=x.device) if store_preact else None
     with runtime.launching(x.device):
-        linear_fwd(x, weight, bias, residual, activation, y, z, scale)
+        linear_fwd(x, weight, bias, residual, activation, y, z, scale, seed, dropout_p, keep_scale(dropout_p),
+                   row_scale)
     return y, x.new_empty(0) if z is None else z
 
 
 @_linear_fwd.register_fake
-def _(x, weight, bias, residual, activation, store_preact=False, scale=None):
+def _(x, weight, bias, residual, activation, store_preact=False, scale=None, dropout_p=0.0, seed=None,
+      row_scale=None):
     M, N = x.shape[0], weight.shape[0]
     return x.new_empty(M, N), x.new_empty((M, N) if store_preact else (0,))
 
@@ -58,16 +58,17 @@ def _needs_scale_grad(ctx) -> bool:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, _, activation, store_preact, scale = inputs
+    x, weight, _, _, activation, store_preact, scale, dropout_p, seed, row_scale = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
     need_x, need_w = ctx.needs_input_grad[:2]
     need_s = _needs_scale_grad(ctx)
     # Keep alive only what the backward reads: x for dW, the weight for dX, Z for act'(Z) and for
-    # the scale's gradient, the scale for the gradient through the scaled branch.
+    # the scale's gradient, the scale, the seed (the mask is regenerated) and the row factor for the
+    # gradient through the branch.
     ctx.save_for_backward(x if need_w else None, weight if need_x else None,
-                          z if activation != "none" or need_s else None, scale)
-    ctx.activation, ctx.store_preact = activation, store_preact
+                          z if activation != "none" or need_s else None, scale, seed, row_scale)
+    ctx.activation, ctx.store_preact, ctx.dropout_p = activation, store_preact, dropout_p
     ctx.scale_dtype = None if scale is None else scale.dtype
 
 
@@ -80,13 +81,13 @@ def _backward(ctx, dy: Tensor, _dz):
         if (ctx.activation != "none" or need_s) and not ctx.store_preact:
             raise RuntimeError("vitfast::linear_fwd ran with store_preact=False, so its activation and scale "
                                "cannot be differentiated; vitfast.ops.linear asks for the pre-activation itself")
-        x, weight, z, scale = ctx.saved_tensors
+        x, weight, z, scale, seed, row_scale = ctx.saved_tensors
         dx, dw, db, ds = torch.ops.vitfast.linear_bwd(dy, x, weight, z, ctx.activation, need_x, need_w, need_b,
-                                                      scale, need_s)
+                                                      scale, need_s, ctx.dropout_p, seed, row_scale)
         grads = [dx if need_x else None, dw if need_w else None, db if need_b else None]
         dscale = ds.to(ctx.scale_dtype) if need_s else None
-    # dR = dY: the residual is added after the activation and the scale.
-    return (*grads, dy if need_r else None, None, None, dscale)
+    # dR = dY: the residual is added after everything else. No gradient for the seed or the row factor.
+    return (*grads, dy if need_r else None, None, None, dscale, None, None, None)
 
 
 torch.library.register_autograd("vitfast::linear_fwd", _backward, setup_context=_setup_context)
@@ -96,25 +97,30 @@ torch.library.register_autograd("vitfast::linear_fwd", _backward, setup_context=
 def _linear_bwd(
     dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor], z: Optional[Tensor], activation: str,
     compute_dx: bool, compute_dw: bool, compute_db: bool, scale: Optional[Tensor] = None,
-    compute_dscale: bool = False,
+    compute_dscale: bool = False, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x [M, K] (needs weight), weight [N, K] (needs x) and bias [N] in dy's dtype, and of
     the scale [N] in fp32 (needs z), from dy [M, N] and the stored pre-activation z; empty where not
-    asked for.
+    asked for. ``dropout_p``, ``seed`` and ``row_scale`` are the forward's.
 
-    dZ = dy ⊙ scale ⊙ act'(z) is one elementwise kernel, which also sums dy ⊙ act(z) over the rows for
-    the scale (dZ is dy itself when there is neither activation nor scale); dX and dW are the forward
-    GEMM kernel reading its operands transposed; dB is a fp32 torch sum of dZ's rows."""
+    dZ = dy ⊙ row_scale ⊙ scale ⊙ mask/(1 - p) ⊙ act'(z) is one elementwise kernel (regenerating the
+    mask from the seed), which also sums dy ⊙ row_scale ⊙ mask/(1 - p) ⊙ act(z) over the rows for the
+    scale (dZ is dy itself when the epilogue has none of these); dX and dW are the forward GEMM kernel
+    reading its operands transposed; dB is a fp32 torch sum of dZ's rows."""
     from ..kernels.linear import epilogue_bwd, linear_bwd
 
     runtime.record_launch("linear_bwd")
     M, N = dy.shape
     need_dz = compute_dx or compute_dw or compute_db
     dz = dy
+    elementwise = (activation != "none" or scale is not None or compute_dscale or seed is not None
+                   or row_scale is not None)
     with runtime.launching(dy.device):
-        if activation != "none" or scale is not None or compute_dscale:
+        if elementwise:
             dz = runtime.empty(M, N, dtype=dy.dtype, device=dy.device) if need_dz else None
-            dscale = epilogue_bwd(dy, z, scale, activation, dz, compute_dscale)
+            dscale = epilogue_bwd(dy, z, scale, activation, dz, compute_dscale, seed, dropout_p,
+                                  keep_scale(dropout_p), row_scale)
         else:
             dscale = None
         dx = runtime.empty(M, weight.shape[1], dtype=dy.dtype, device=dy.device) if compute_dx else None
@@ -127,7 +133,8 @@ def _linear_bwd(
 
 
 @_linear_bwd.register_fake
-def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=None, compute_dscale=False):
+def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=None, compute_dscale=False,
+      dropout_p=0.0, seed=None, row_scale=None):
     M, N = dy.shape
     return (dy.new_empty((M, weight.shape[1]) if compute_dx else (0,)),
             dy.new_empty((N, x.shape[1]) if compute_dw else (0,)),
@@ -135,75 +142,31 @@ def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=No
             dy.new_empty(N if compute_dscale else 0, dtype=torch.float32))
 
 
-def _activation(activation: str | None) -> str:
-    if not (activation is None or isinstance(activation, str)) or activation not in _ACTIVATIONS:
-        raise ValueError(
-            "activation must be one of None, 'none', 'gelu', 'gelu_tanh', 'quick_gelu', 'relu', 'silu', "
-            f"got {activation!r}"
-        )
-    return _ACTIVATIONS[activation]
-
-
-def _check_input(x: Tensor) -> None:
-    check_float("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-
-
-def _check_layer(prefix: str, x: Tensor, in_width: int, source: str,
-                 weight: Tensor, bias: Tensor | None) -> int:
-    """Check one layer's weight [out, in] and bias [out] against the width feeding it; returns out."""
-    name = f"{prefix}weight"
-    check_float(name, weight)
-    if weight.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.shape[1] != in_width:
-        raise ValueError(f"{name} has in_features {weight.shape[1]} (shape {tuple(weight.shape)}) "
-                         f"but {source} has width {in_width}")
-    check_same_dtype(name, weight, "x", x)
-    if bias is not None:
-        check_float(f"{prefix}bias", bias)
-        check_shape(f"{prefix}bias", bias, (weight.shape[0],))
-        check_same_dtype(f"{prefix}bias", bias, "x", x)
-    return weight.shape[0]
-
-
-def _check_residual(x: Tensor, residual: Tensor | None, out_width: int) -> None:
-    if residual is not None:
-        check_tensor("residual", residual)
-        check_shape("residual", residual, (*x.shape[:-1], out_width))
-        check_same_dtype("residual", residual, "x", x)
-
-
-def _check_scale(scale: Tensor | None, out_width: int) -> None:
-    if scale is not None:
-        check_float("scale", scale)
-        check_shape("scale", scale, (out_width,))
-
-
-def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None) -> bool:
-    """Whether the Triton kernels take this call, forward and backward (else the PyTorch fallback);
-    weights, biases and the residual share ``x``'s dtype, the scale may differ."""
-    return out_width > 0 and kernel_path(op, x, scale)
-
-
-def _fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
-              residual: Tensor | None, scale: Tensor | None = None) -> Tensor:
-    y = _TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
-    if scale is not None:
-        y = (y * scale).to(y.dtype)  # a scale of another float dtype does not change the output's
-    return y if residual is None else y + residual
-
-
-def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str,
-            residual: Tensor | None, scale: Tensor | None = None) -> Tensor:
-    """One kernel over rows x2 [M, K]; the residual, shaped like the output, is viewed as rows.
+def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str, residual: Tensor | None,
+            scale: Tensor | None = None, dropout_p: float = 0.0, row_scale: Tensor | None = None) -> Tensor:
+    """One kernel over rows x2 [M, K]; the residual, shaped like the output, is viewed as rows, and
+    row_scale is the contiguous fp32 [M] factor. Draws the dropout seed (one per dropping launch,
+    from PyTorch's generator) here, outside the custom op, so that compiled graphs draw it too.
     Training stores the pre-activation for the backward rather than recomputing a GEMM there: act'(Z)
     needs it, and so does the scale's gradient Σ dY ⊙ act(Z)."""
     r2 = None if residual is None else residual.reshape(x2.shape[0], weight.shape[0])
     scale_grad = scale is not None and runtime.needs_autograd(scale)
     store_preact = (activation != "none" and runtime.needs_autograd(x2, weight, bias)) or scale_grad
-    return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation, store_preact, scale)[0]
+    seed = draw_seed(x2.device) if dropout_p > 0.0 else None
+    return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation, store_preact, scale, dropout_p, seed,
+                                        row_scale)[0]
+
+
+def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None, row_scale: Tensor | None) -> bool:
+    """The kernels' test, plus: they do not differentiate the row factor (a constant per sample in
+    stochastic depth), so a row_scale that needs a gradient takes PyTorch."""
+    if not kernel_path_for(op, x, out_width, scale):
+        return False
+    if runtime.needs_autograd(row_scale):
+        runtime.warn_once(f"{op}:row_scale_grad", f"vitfast.{op}: the kernels do not compute gradients with "
+                                                  f"respect to row_scale; using PyTorch")
+        return False
+    return True
 
 
 @fx_traceable
@@ -214,8 +177,12 @@ def linear(
     activation: str | None = None,
     residual: Tensor | None = None,
     scale: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    """``scale * act(x @ weight.T + bias) + residual`` in one kernel, ``weight`` in ``nn.Linear`` layout.
+    """``residual + row_scale * scale * dropout(act(x @ weight.T + bias))`` in one kernel, ``weight`` in
+    ``nn.Linear`` layout.
 
     ``x`` is any [..., in] tensor; ``activation`` is None/"none", "gelu" (exact, erf), "gelu_tanh",
     "quick_gelu" (``x * sigmoid(1.702 * x)``, OpenAI CLIP's), "relu" or "silu" (``x * sigmoid(x)``);
@@ -223,6 +190,17 @@ def linear(
     (timm's LayerScale), any float dtype and stride, applied in fp32 like the bias. The product
     accumulates in fp32 (TF32 for fp32 inputs only where ``torch.backends.cuda.matmul.allow_tf32``
     allows it) and is rounded to ``x``'s dtype once.
+
+    Training extras, both applied on the fp32 tile before the one rounding:
+
+    * ``dropout_p`` in [0, 1]: dropout on the activated output (before ``scale``, ``row_scale`` and
+      the residual), always applied when > 0 (pass 0 in eval). Kept elements are multiplied by
+      1 / (1 - p). The mask comes from a seed drawn from PyTorch's generator (``torch.manual_seed``
+      makes it reproducible) and is regenerated in the backward, never stored.
+    * ``row_scale``: a float tensor broadcastable to ``x.shape[:-1]`` multiplying each output row
+      (stochastic depth's per-sample factor: [B, 1] for x [B, N, D], [1, B] for sequence-first
+      [N, B, D]). Not differentiated by the kernels: one that requires grad takes PyTorch (warned once).
+
     Differentiable: the backward runs on Triton kernels too, the scale's gradient included.
     float64 inputs take PyTorch (warned once).
 
@@ -231,19 +209,23 @@ def linear(
     >>> h = linear(x, w, b, activation="gelu")                     # fc1 + bias + GELU
     >>> y = linear(h, torch.randn(768, 3072), None, residual=x)    # fc2 + residual
     >>> y = linear(h, torch.randn(768, 3072), None, residual=x, scale=torch.full((768,), 1e-5))
+    >>> keep = (torch.rand(2, 1) >= 0.1) / 0.9                     # drop path, p = 0.1
+    >>> y = linear(h, torch.randn(768, 3072), None, residual=x, dropout_p=0.1, row_scale=keep)
     """
-    act = _activation(activation)
-    _check_input(x)
-    out_width = _check_layer("", x, x.shape[-1], "x's last dimension", weight, bias)
-    _check_residual(x, residual, out_width)
-    _check_scale(scale, out_width)
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual, scale=scale)
+    act = activation_name(activation)
+    p = check_dropout_p("dropout_p", dropout_p)
+    check_input(x)
+    out_width = check_layer("", x, x.shape[-1], "x's last dimension", weight, bias)
+    check_residual(x, residual, out_width)
+    check_scale(scale, out_width)
+    check_row_scale(x, row_scale)
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, scale=scale, row_scale=row_scale)
 
-    if _kernel_path("linear", x, out_width, scale):
+    if _kernel_path("linear", x, out_width, scale, row_scale):
         runtime.record_launch("linear")
-        y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale)
+        y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale, p, row_vector(row_scale, x))
         return y.view(*x.shape[:-1], out_width)
-    return _fallback(x, weight, bias, act, residual, scale)
+    return fallback(x, weight, bias, act, residual, scale, p, row_scale)
 
 
 @fx_traceable
@@ -256,31 +238,43 @@ def mlp(
     activation: str | None = "gelu",
     residual: Tensor | None = None,
     scale: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    hidden_dropout_p: float = 0.0,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    """The transformer MLP ``scale * fc2(act(fc1(x))) + residual`` as two fused launches.
+    """The transformer MLP ``residual + row_scale * scale * dropout(fc2(dropout(act(fc1(x)))))`` as two
+    fused launches.
 
-    fc1 + bias + activation run in one kernel's epilogue, fc2 + bias (+ ``scale`` [out], timm's
-    LayerScale, applied after fc2's bias) + residual in the next; the hidden activations make one
-    round trip through memory in ``x``'s dtype, as in PyTorch. Gradients flow through both
-    launches' backward kernels.
+    fc1 + bias + activation (+ dropout with ``hidden_dropout_p``: ``nn.TransformerEncoderLayer``'s
+    ``dropout`` inside the MLP, timm ``Mlp``'s ``drop1``) run in one kernel's epilogue, fc2 + bias
+    (+ dropout with ``dropout_p``, + ``scale`` [out], timm's LayerScale, + ``row_scale``, stochastic
+    depth's per-sample factor broadcastable to ``x.shape[:-1]``) + residual in the next; see
+    ``linear`` for the dropout and row-factor semantics. Each dropping launch draws its own seed,
+    the hidden one first. The hidden activations make one round trip through memory in ``x``'s dtype,
+    as in PyTorch. Gradients flow through both launches' backward kernels.
 
     >>> x = torch.randn(2, 197, 768)
     >>> w1, b1, w2, b2 = torch.randn(3072, 768), torch.randn(3072), torch.randn(768, 3072), torch.randn(768)
     >>> y = mlp(x, w1, b1, w2, b2, "gelu", residual=x)
+    >>> y = mlp(x, w1, b1, w2, b2, "gelu", residual=x, dropout_p=0.1, hidden_dropout_p=0.1)
     """
-    act = _activation(activation)
-    _check_input(x)
-    hidden = _check_layer("fc1_", x, x.shape[-1], "x's last dimension", fc1_weight, fc1_bias)
-    out_width = _check_layer("fc2_", x, hidden, "fc1's output (fc1_weight.shape[0])", fc2_weight, fc2_bias)
-    _check_residual(x, residual, out_width)
-    _check_scale(scale, out_width)
+    act = activation_name(activation)
+    p = check_dropout_p("dropout_p", dropout_p)
+    hidden_p = check_dropout_p("hidden_dropout_p", hidden_dropout_p)
+    check_input(x)
+    hidden = check_layer("fc1_", x, x.shape[-1], "x's last dimension", fc1_weight, fc1_bias)
+    out_width = check_layer("fc2_", x, hidden, "fc1's output (fc1_weight.shape[0])", fc2_weight, fc2_bias)
+    check_residual(x, residual, out_width)
+    check_scale(scale, out_width)
+    check_row_scale(x, row_scale)
     check_same_device(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
-                      fc2_bias=fc2_bias, residual=residual, scale=scale)
+                      fc2_bias=fc2_bias, residual=residual, scale=scale, row_scale=row_scale)
 
-    if hidden > 0 and _kernel_path("mlp", x, out_width, scale):
+    if hidden > 0 and _kernel_path("mlp", x, out_width, scale, row_scale):
         runtime.record_launch("mlp")
-        h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None)
-        y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale)
+        h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None, None, hidden_p)
+        y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_vector(row_scale, x))
         return y.view(*x.shape[:-1], out_width)
-    h = _fallback(x, fc1_weight, fc1_bias, act, None)
-    return _fallback(h, fc2_weight, fc2_bias, "none", residual, scale)
+    h = fallback(x, fc1_weight, fc1_bias, act, None, None, hidden_p)
+    return fallback(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_scale)
