@@ -26,6 +26,15 @@ Rotary position embedding (``_rope.py``, timm's 2-D RoPE, N_Q = N_KV): with ROPE
 rotates the q and k tiles as it loads them (partner columns through permuted indices, sin | cos
 rows of the table), so no rotated copy exists; the backward kernels take their gradients with
 respect to the rotated q and k back through the rotation before the store.
+
+Dropout on the probabilities (DROPOUT set, FlashAttention's way): probability (query i, key j) of
+batch·head bh survives when ``_random.keep(seed, j, i, bh, ATTENTION, p)`` says so. The mask is a
+Philox draw keyed by the seed the op drew and counted by the element's coordinates, so every kernel
+regenerates it on its own tile, in its own orientation, and it is never stored. The forward sums the
+undropped P into the softmax normaliser (so the log-sum-exp is the undropped one) and accumulates
+(P ⊙ M) V, scaling by 1/(1 − p) once at the end; the backward uses dV = (P ⊙ M / (1 − p))ᵀ dO and
+dP = (dO Vᵀ) ⊙ M / (1 − p), while Δ = rowsum(dO ⊙ O) needs no change since O already holds the
+dropout. Without DROPOUT the seed is never loaded and no extra work is done.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _tuning
+from ._random import ATTENTION, keep
 from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate
 
 # Head sizes the kernel tiles (padded to the next power of two with masks); others fall back.
@@ -105,7 +115,7 @@ def _row_stats(LSE, DELTA, bh, rows, N_Q):
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM, TAB,
+    Q, K, V, O, LSE, MASK, KPM, TAB, SEED,  # noqa: E741  (O: the output, as the papers name it)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -113,9 +123,9 @@ def _attention_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_rb, stride_rh, stride_rn,
-    H, N_Q, N_KV, ROPE_PREFIX, qk_scale,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """softmax(scale · Q Kᵀ + masks) V for BLOCK_M query rows of one (batch, head).
@@ -134,9 +144,13 @@ def _attention_fwd_kernel(
     TAB: rotary table [b, h, token - ROPE_PREFIX, sin | cos] through ``stride_r*`` (unit last
        stride, stride 0 broadcasts), any float dtype; read when ROPE (then N_Q = N_KV) to rotate
        q and k as they load. Unread when NO_ROPE.
+    SEED: int64 tensor of one element, the Philox key of the dropout mask; loaded only when DROPOUT.
     qk_scale: softmax scale times log2(e); scores live in log2 units so the kernel uses exp2.
-    Fuses the rotation, the scale, the masks, causal masking, the softmax and both products; a row
-    whose keys are all masked yields zeros.
+    dropout_p, keep_scale: with DROPOUT, each probability is dropped with probability dropout_p
+       (``_random.keep``, column = key, row = query, plane = batch·head) and the kept ones scaled
+       by keep_scale = 1/(1 - dropout_p) (0 when dropout_p = 1); the log-sum-exp stays undropped.
+    Fuses the rotation, the scale, the masks, causal masking, the softmax, dropout and both
+    products; a row whose keys are all masked yields zeros.
     """
     pid_m, bh, b, h = _tile_program(N_Q, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,6 +172,8 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
 
     # Causal rows never see keys past their own index: stop after this tile's diagonal.
     if IS_CAUSAL:
@@ -178,6 +194,8 @@ def _attention_fwd_kernel(
         p = tl.math.exp2(s - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:  # the normaliser above sums every p; only the kept ones reach the output
+            p = tl.where(keep(seed, keys[None, :], rows[:, None], bh, ATTENTION, dropout_p), p, 0.0)
         v = tl.load(v_ptrs, mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
@@ -188,6 +206,8 @@ def _attention_fwd_kernel(
     alive = l_i > 0.0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     tl.store(_tile_ptrs(O, b, h, stride_ob, stride_oh, stride_on, rows, dims), out.to(O.dtype.element_ty),
              mask=qd_ok)
     lse = tl.where(alive, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))
@@ -196,7 +216,7 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_delta_kernel(
-    O, DO, DLSE, DELTA,
+    O, DO, DLSE, DELTA,  # noqa: E741
     stride_ob, stride_oh, stride_on,
     stride_db, stride_dh, stride_dn,
     H, N_Q,
@@ -225,7 +245,7 @@ def _attention_bwd_delta_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, TAB, SEED,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -235,9 +255,9 @@ def _attention_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_rb, stride_rh, stride_rn,
-    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK and dV for BLOCK_N keys of one (batch, head), streaming BLOCK_M-row query tiles.
@@ -248,9 +268,10 @@ def _attention_bwd_dkdv_kernel(
        key, so its P and hence its contribution is exactly 0). DELTA: [B, H, N_Q] contiguous fp32 Δ.
     DK, DV: [B, H, N_KV, HEAD_DIM] outputs in the dtype of Q (strides ``stride_{dk,dv}*``; the op
        passes views of the packed gradient [B, N, 3·H·HEAD_DIM] or contiguous tensors).
-    MASK, KPM, TAB, qk_scale: as in the forward; sm_scale is the softmax scale itself. With ROPE,
-       q and k are rotated as they load and dK, taken with respect to the rotated k, is rotated
-       back (the transpose) before the store.
+    MASK, KPM, TAB, SEED, qk_scale, dropout_p, keep_scale: as in the forward; sm_scale is the
+       softmax scale itself. With ROPE, q and k are rotated as they load and dK, taken with respect
+       to the rotated k, is rotated back (the transpose) before the store. With DROPOUT,
+       dV = (P ⊙ M · keep_scale)ᵀ dO and dP = (dO Vᵀ) ⊙ M · keep_scale, M regenerated from SEED.
     Works on the transposed tile Sᵀ (keys × queries) so that Pᵀ and dSᵀ feed the dots directly.
     """
     pid_n, bh, b, h = _tile_program(N_KV, H, BLOCK_N)
@@ -267,6 +288,8 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
     # Causal: queries before this key tile's first key never see it; start at the tile holding it.
     if IS_CAUSAL:
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
@@ -284,8 +307,13 @@ def _attention_bwd_dkdv_kernel(
         st = _mask_tile(st, rows[None, :], keys[:, None], N_Q, N_KV, mask_base, kpm_base,
                         stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
         pt = tl.math.exp2(st - lse[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        if DROPOUT:  # the tile is transposed: keys run down its rows, queries across its columns
+            kept = keep(seed, keys[:, None], rows[None, :], bh, ATTENTION, dropout_p)
+            dv += tl.dot(tl.where(kept, pt * keep_scale, 0.0).to(do.dtype), do, input_precision="ieee")
+            dpt = tl.where(kept, dpt * keep_scale, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
 
@@ -298,7 +326,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, TAB,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, TAB, SEED,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -307,15 +335,15 @@ def _attention_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_rb, stride_rh, stride_rn,
-    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale,
+    H, N_Q, N_KV, ROPE_PREFIX, qk_scale, sm_scale, dropout_p, keep_scale,
     HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ROPE: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ = scale · (P ⊙ (dO Vᵀ − Δ)) K for BLOCK_M query rows of one (batch, head), streaming
     BLOCK_N-row key tiles. Pointers as in ``_attention_bwd_dkdv_kernel``; DQ: [B, H, N_Q, HEAD_DIM]
     output in the dtype of Q (strides ``stride_dq*``), rotated back from the gradient with respect
-    to the rotated q when ROPE."""
+    to the rotated q when ROPE; with DROPOUT, dP = (dO Vᵀ) ⊙ M · keep_scale."""
     pid_m, bh, b, h = _tile_program(N_Q, H, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -333,6 +361,8 @@ def _attention_bwd_dq_kernel(
     kpm_base = KPM + b * stride_pb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
     if IS_CAUSAL:
         hi = tl.minimum(N_KV, (pid_m + 1) * BLOCK_M)
     else:
@@ -347,6 +377,8 @@ def _attention_bwd_dq_kernel(
                        stride_mm, stride_mn, stride_pn, MASK_KIND, KPM_KIND, IS_CAUSAL)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        if DROPOUT:
+            dp = tl.where(keep(seed, keys[None, :], rows[:, None], bh, ATTENTION, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         k_ptrs += BLOCK_N * stride_kn
@@ -493,6 +525,16 @@ def _rope_args(rope: Rope | None, dummy: torch.Tensor) -> tuple[tuple, int, dict
     return (t, *strides, t.stride(-2)), rope.prefix, dict(ROPE=ROPE_HALF if rope.half else ROPE_INTERLEAVED)
 
 
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """Kernel arguments for dropout: (seed pointer, dropout_p, keep_scale) and the DROPOUT constexpr.
+    p = 0 compiles the kernel without dropout; ``dummy`` stands in for the seed, never loaded then."""
+    if dropout_p == 0.0:
+        return (dummy, 0.0, 1.0), dict(DROPOUT=False)
+    assert seed is not None and seed.dtype == torch.int64 and seed.numel() == 1 and 0.0 < dropout_p <= 1.0
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+    return (seed, float(dropout_p), keep_scale), dict(DROPOUT=True)
+
+
 def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
     """(batch, head, token) strides of each [B, H, N, d] view, in order."""
     return tuple(s for t in tensors for s in t.stride()[:3])
@@ -514,11 +556,16 @@ def attention_fwd(
     scale: float,
     is_causal: bool,
     rope: Rope | None = None,
+    *,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> None:
     """Launch over [B, H, N_Q, d] views q, o, [B, H, N_KV, d] views k, v (unit last stride; the op
     guarantees it) and a contiguous fp32 lse [B, H, N_Q]. Masks: ``key_padding_mask`` [B, N_KV],
     ``attn_mask`` [N_Q, N_KV], [B·H, N_Q, N_KV] or 4-D, bool (True = not allowed) or float
-    (additive). ``rope``: rotate q and k as they load (N_Q = N_KV)."""
+    (additive). ``rope``: rotate q and k as they load (N_Q = N_KV). ``dropout_p`` > 0: drop each
+    probability with that probability, the mask keyed by ``seed`` (int64 tensor of one element on
+    q's device); lse stays the undropped one."""
     B, H, N_Q, d = q.shape
     N_KV = k.shape[2]
     _check_views(B, H, N_Q, d, q, o)
@@ -529,9 +576,11 @@ def attention_fwd(
         return
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
     rope_args, prefix, rope_meta = _rope_args(rope, lse)
-    args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], *_strides(q, k, v, o), *mask_args[2:], *rope_args[1:],
-            H, N_Q, N_KV, prefix, scale * 1.4426950408889634)
-    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta)
+    (seed_arg, *drop_scalars), drop_meta = _dropout_args(dropout_p, seed, lse)
+    args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], seed_arg, *_strides(q, k, v, o), *mask_args[2:],
+            *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta,
+                **drop_meta)
     _launch(_attention_fwd_kernel, _fwd_autotuned, q.is_cuda, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
 
 
@@ -551,13 +600,17 @@ def attention_bwd(
     scale: float,
     is_causal: bool,
     rope: Rope | None = None,
+    *,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
 ) -> None:
     """Gradients of ``attention_fwd`` into the [B, H, N_Q, d] view dq and the [B, H, N_KV, d] views
     dk, dv (unit last stride, any other strides, e.g. three views of one packed [B, N, 3·H·d]
     buffer); with ``rope``, with respect to q and k as stored (before the rotation). q, o, do:
     [B, H, N_Q, d] and k, v: [B, H, N_KV, d] views with unit last stride; lse: the forward's
     contiguous fp32 [B, H, N_Q]; dlse: None or the contiguous fp32 [B, H, N_Q] gradient of lse.
-    Masks, scale, causality and rope as in the forward."""
+    Masks, scale, causality, rope, ``dropout_p`` and ``seed`` as in the forward (the same seed
+    regenerates the forward's mask; o is the dropped output)."""
     B, H, N_Q, d = q.shape
     N_KV = k.shape[2]
     _check_views(B, H, N_Q, d, q, o, do, dq)
@@ -578,9 +631,10 @@ def attention_bwd(
 
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
     rope_args, prefix, rope_meta = _rope_args(rope, lse)
-    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=block_d, **mask_meta, **rope_meta)
-    scalars = (H, N_Q, N_KV, prefix, scale * 1.4426950408889634, scale)
-    pointers = (*mask_args[:2], rope_args[0])
+    (seed_arg, *drop_scalars), drop_meta = _dropout_args(dropout_p, seed, lse)
+    meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=block_d, **mask_meta, **rope_meta, **drop_meta)
+    scalars = (H, N_Q, N_KV, prefix, scale * 1.4426950408889634, scale, *drop_scalars)
+    pointers = (*mask_args[:2], rope_args[0], seed_arg)
     strides = (*mask_args[2:], *rope_args[1:])
     args = (q, k, v, do, lse, delta, dk, dv, *pointers, *_strides(q, k, v, do, dk, dv), *strides, *scalars)
     _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, q.is_cuda, "BLOCK_N", N_KV, B * H, args, meta, N_Q)

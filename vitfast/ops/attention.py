@@ -36,12 +36,20 @@ log-sum-exp (``kernels/attention.py``), through ``torch.library`` custom ops, so
 ``torch.compile`` see them; ``attention`` returns the gradient of ``qkv`` as one packed buffer. The
 kernels compute no gradient for a float mask or for the rotary table: one that needs a gradient
 (timm's RotaryEmbeddingMixed learns its frequencies) takes the PyTorch path (warned once).
+
+Dropout (keyword-only ``dropout_p``, both entries), as SDPA's ``dropout_p``: applied whenever > 0,
+so modules pass 0 in eval. Each attention probability is dropped with probability p and the kept
+ones scaled by 1/(1 − p); the log-sum-exp stays the undropped one. The kernels draw the mask from
+Philox, keyed by one int64 seed the op draws from PyTorch's generator per call (``torch.manual_seed``
+makes it reproducible) and counted by the element's (batch·head, query, key), so the backward
+regenerates it and no mask is stored. p = 0 draws no seed (the generator does not advance) and
+runs the kernels without dropout. The PyTorch path drops with SDPA's own dropout.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,186 +57,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from ._attention_ops import _split_packed, _unit_last
 from ._dispatch import kernel_path
+from ._random import check_dropout_p, draw_seed
 from ._trace import fx_traceable
 from ._validate import FLOAT_DTYPES, check_float, check_same_device, check_tensor
 
 MAX_HEAD_DIM = 256
-
-
-def _heads(t: Tensor, heads: int) -> Tensor:
-    """[B, H, N, d] view of a tokens-major [B, N, H·d] tensor (a [B, H, N, d] one passes through)."""
-    return t.unflatten(-1, (heads, -1)).transpose(1, 2) if t.dim() == 3 else t
-
-
-def _split_packed(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, N, 3·H·d] -> three [B, H, N, d] views of the same storage; no data moves."""
-    return qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _unit_last(t: Tensor) -> Tensor:
-    """The kernels read rows through strides but need unit stride along the last dimension."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _kernel_rope(rope: Tensor | None, rope_prefix: int, rope_half: bool):
-    """The rotary arguments as the kernels take them (``kernels.attention.Rope``), or None."""
-    from ..kernels.attention import Rope
-
-    return None if rope is None else Rope(rope, rope_prefix, rope_half)
-
-
-def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-             scale: float, is_causal: bool, tokens_major: bool, rope: Tensor | None, rope_prefix: int,
-             rope_half: bool) -> tuple[Tensor, Tensor]:
-    from ..kernels.attention import attention_fwd
-
-    B, H, N, d = q.shape
-    shape = (B, N, H * d) if tokens_major else (B, H, N, d)  # tokens-major is ready for the out-projection
-    out = runtime.empty(*shape, dtype=q.dtype, device=q.device)
-    lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
-    with runtime.launching(q.device):
-        attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal,
-                      _kernel_rope(rope, rope_prefix, rope_half))
-    return out, lse
-
-
-def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                   out: Tensor, lse: Tensor, dlse: Tensor | None, key_padding_mask: Tensor | None,
-                   attn_mask: Tensor | None, scale: float, is_causal: bool, rope: Tensor | None,
-                   rope_prefix: int, rope_half: bool) -> None:
-    """Run the backward kernels, writing the [B, H, N_Q, d] view dq and the [B, H, N_KV, d] views dk, dv."""
-    from ..kernels.attention import attention_bwd
-
-    runtime.record_launch("attention_bwd")
-    H = q.shape[1]
-    dlse = None if dlse is None else dlse.float().contiguous()
-    with runtime.launching(q.device):
-        attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
-                      key_padding_mask, attn_mask, scale, is_causal, _kernel_rope(rope, rope_prefix, rope_half))
-
-
-@torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool, tokens_major: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0,
-    rope_half: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Attention of [B, H, N_Q, d] q over [B, H, N_KV, d] k, v: out [B, N_Q, H·d] if tokens_major else
-    [B, H, N_Q, d], and the fp32 log-sum-exp [B, H, N_Q]; q and k rotated by ``rope`` when given."""
-    return _forward(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major, rope, rope_prefix,
-                    rope_half)
-
-
-@_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, attn_mask, scale, is_causal, tokens_major, rope=None, rope_prefix=0,
-      rope_half=False):
-    B, H, N, d = q.shape
-    out = q.new_empty(B, N, H * d) if tokens_major else q.new_empty(B, H, N, d)
-    return out, q.new_empty(B, H, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("vitfast::attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
-    rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``vitfast::attention_fwd`` wrt q, k, v: contiguous tensors of their shapes (a q
-    broadcast over the batch gets its full-batch gradient; autograd sums it)."""
-    dq, dk, dv = (runtime.empty(*t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
-    _backward_into(dq, dk, dv, dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal,
-                   rope, rope_prefix, rope_half)
-    return dq, dk, dv
-
-
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal, rope=None, rope_prefix=0,
-      rope_half=False):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-@torch.library.custom_op("vitfast::attention_packed_fwd", mutates_args=())
-def _attention_packed_fwd(
-    qkv: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Attention over the packed [B, N, 3·H·d] qkv (read in place): out [B, N, H·d] and the fp32
-    log-sum-exp [B, H, N]. Taking qkv whole lets the backward write one packed gradient."""
-    return _forward(*_split_packed(qkv, num_heads), key_padding_mask, attn_mask, scale, is_causal, True, rope,
-                    rope_prefix, rope_half)
-
-
-@_attention_packed_fwd.register_fake
-def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal, rope=None, rope_prefix=0, rope_half=False):
-    B, N, width = qkv.shape
-    return qkv.new_empty(B, N, width // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("vitfast::attention_packed_bwd", mutates_args=())
-def _attention_packed_bwd(
-    dout: Tensor, qkv: Tensor, num_heads: int, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
-    rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
-) -> Tensor:
-    """Gradient of ``vitfast::attention_packed_fwd`` wrt qkv: one contiguous [B, N, 3·H·d] buffer
-    that the kernels write through three strided views, so no stack or copy follows."""
-    dqkv = runtime.empty(*qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _backward_into(*_split_packed(dqkv, num_heads), dout, *_split_packed(qkv, num_heads), out, lse, dlse,
-                   key_padding_mask, attn_mask, scale, is_causal, rope, rope_prefix, rope_half)
-    return dqkv
-
-
-@_attention_packed_bwd.register_fake
-def _(dout, qkv, num_heads, out, lse, dlse, key_padding_mask, attn_mask, scale, is_causal, rope=None,
-      rope_prefix=0, rope_half=False):
-    return qkv.new_empty(qkv.shape)
-
-
-def _save(ctx, tensors: tuple[Tensor, ...], output: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
-          attn_mask: Tensor | None, scale: float, is_causal: bool, rope: Tensor | None, rope_prefix: int,
-          rope_half: bool) -> None:
-    ctx.save_for_backward(*tensors, *output, key_padding_mask, attn_mask, rope)
-    ctx.scale, ctx.is_causal, ctx.rope_prefix, ctx.rope_half = scale, is_causal, rope_prefix, rope_half
-    # Usually only out reaches the loss: then no zero-filled lse gradient is made, nor read.
-    ctx.set_materialize_grads(False)
-
-
-# ``inputs`` holds every argument of the op's schema, defaults filled in.
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, key_padding_mask, attn_mask, scale, is_causal, _, *rope = inputs
-    _save(ctx, (q, k, v), output, key_padding_mask, attn_mask, scale, is_causal, *rope)
-
-
-def _setup_packed_context(ctx, inputs, output) -> None:
-    qkv, ctx.num_heads, key_padding_mask, attn_mask, scale, is_causal, *rope = inputs
-    _save(ctx, (qkv,), output, key_padding_mask, attn_mask, scale, is_causal, *rope)
-
-
-def _grad_of_output(dout: Tensor | None, out: Tensor) -> Tensor:
-    return torch.zeros_like(out) if dout is None else dout
-
-
-def _attention_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-    q, k, v, out, lse, kpm, mask, rope = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vitfast.attention_bwd(_grad_of_output(dout, out), q, k, v, out, lse, dlse, kpm, mask,
-                                                 ctx.scale, ctx.is_causal, rope, ctx.rope_prefix, ctx.rope_half)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-def _packed_backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-    qkv, out, lse, kpm, mask, rope = ctx.saved_tensors
-    dqkv = torch.ops.vitfast.attention_packed_bwd(_grad_of_output(dout, out), qkv, ctx.num_heads, out, lse, dlse,
-                                                  kpm, mask, ctx.scale, ctx.is_causal, rope, ctx.rope_prefix,
-                                                  ctx.rope_half)
-    return dqkv, None, None, None, None, None, None, None, None
-
-
-# Gradients wrt the masks and the rotary table are not computed: ``_kernel_path`` sends one that
-# needs a gradient to PyTorch.
-torch.library.register_autograd("vitfast::attention_fwd", _attention_backward, setup_context=_setup_context)
-torch.library.register_autograd("vitfast::attention_packed_fwd", _packed_backward,
-                                setup_context=_setup_packed_context)
 
 
 def _bias(q: Tensor, n_kv: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
@@ -254,16 +89,16 @@ def _stats_dtype(q: Tensor) -> torch.dtype:
 
 
 def _fallback(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
-              scale: float, is_causal: bool, return_lse: bool) -> tuple[Tensor, Tensor | None]:
-    """SDPA of [B, H, N_Q, d] q over [B, H, N_KV, d] k, v with the masks converted to its convention;
-    rows with no allowed key are zeroed (and unmasked before SDPA, so neither the output nor its
-    gradient holds NaN)."""
+              scale: float, is_causal: bool, return_lse: bool, dropout_p: float) -> tuple[Tensor, Tensor | None]:
+    """SDPA of [B, H, N_Q, d] q over [B, H, N_KV, d] k, v with the masks converted to its convention
+    and its own dropout; rows with no allowed key are zeroed (and unmasked before SDPA, so neither
+    the output nor its gradient holds NaN); the log-sum-exp is the undropped one."""
     if key_padding_mask is None and attn_mask is None and not return_lse:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale), None
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, dropout_p=dropout_p), None
     bias = _bias(q, k.shape[2], key_padding_mask, attn_mask, is_causal)
     dead = torch.isneginf(bias).all(-1, keepdim=True)
     bias = bias.masked_fill(dead, 0.0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale, dropout_p=dropout_p)
     out = out.masked_fill(dead, 0.0)
     if not return_lse:
         return out, None
@@ -360,20 +195,23 @@ def _kernel_path(q: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor |
 
 def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
          scale: float | None, is_causal: bool, return_lse: bool, tokens_major: bool, rope: Tensor | None,
-         rope_prefix: int, rope_half: bool, kernel: Callable[..., tuple[Tensor, Tensor]]):
+         rope_prefix: int, rope_half: bool, dropout_p: float, kernel: Callable[..., tuple[Tensor, Tensor]]):
     """Shared by both entries: q [B, H, N_Q, d], k and v [B, H, N_KV, d] views;
-    ``kernel(scale, is_causal, rope, rope_prefix, rope_half)`` runs the entry's custom op, else the
-    fallback runs."""
+    ``kernel(scale, is_causal, rope, rope_prefix, rope_half, dropout_p, seed)`` runs the entry's
+    custom op, else the fallback runs. The seed is drawn here, outside the custom op, once per call
+    and only when dropping, so p = 0 leaves PyTorch's generator untouched."""
     B, H, N, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     is_causal, rope_prefix, rope_half = bool(is_causal), int(rope_prefix), bool(rope_half)
     if _kernel_path(q, key_padding_mask, attn_mask, rope):
         runtime.record_launch("attention")
-        out, lse = kernel(scale, is_causal, None if rope is None else _unit_last(rope), rope_prefix, rope_half)
+        seed = draw_seed(q.device) if dropout_p > 0.0 else None
+        out, lse = kernel(scale, is_causal, None if rope is None else _unit_last(rope), rope_prefix, rope_half,
+                          dropout_p, seed)
     else:
         if rope is not None:
             q, k = (_rotate(t, rope, rope_prefix, rope_half) for t in (q, k))
-        out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse)
+        out, lse = _fallback(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, dropout_p)
         if tokens_major:
             out = out.transpose(1, 2).reshape(B, N, H * d)
     return (out, lse) if return_lse else out
@@ -382,8 +220,8 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_
 @fx_traceable
 def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
               scale: float | None = None, is_causal: bool = False, return_lse: bool = False, *,
-              rope: Tensor | None = None, rope_prefix: int = 0,
-              rope_half: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+              rope: Tensor | None = None, rope_prefix: int = 0, rope_half: bool = False,
+              dropout_p: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention over the packed in-projection output ``qkv`` [B, N, 3·D].
 
     The last dimension holds q | k | v, each D = num_heads · d wide (nn.MultiheadAttention's
@@ -395,7 +233,8 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     which take PyTorch with one warning, as bfloat16 does on CPU tensors). ``scale`` defaults to 1/√d.
     Masks follow nn.MultiheadAttention (bool True = not allowed), see the module docstring.
     ``rope``, ``rope_prefix``, ``rope_half``: rotary position embedding of q and k, timm's
-    (see the module docstring).
+    (see the module docstring). ``dropout_p``: dropout on the attention probabilities, as SDPA's,
+    applied whenever > 0 (pass 0 in eval); a fresh mask per call from PyTorch's generator.
 
     >>> qkv = torch.randn(2, 197, 3 * 768)
     >>> y = attention(qkv, num_heads=12)  # [2, 197, 768]
@@ -403,6 +242,7 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     >>> y = attention(qkv, 12, key_padding_mask=pad)
     >>> rope = torch.randn(196, 2 * 64)  # timm's RotaryEmbeddingCat.get_embed(): sin | cos per token
     >>> y = attention(qkv, 12, rope=rope, rope_prefix=1)  # the CLS token stays unrotated
+    >>> y = attention(qkv, 12, dropout_p=0.1 if model.training else 0.0)
     """
     check_float("qkv", qkv)
     if qkv.dim() != 3:
@@ -417,9 +257,10 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     d = width // (3 * num_heads)
     _check_common("qkv", qkv, B, N, N, num_heads, d, key_padding_mask, attn_mask, scale)
     _check_rope(qkv, rope, rope_prefix, rope_half, B, num_heads, N, N, d)
+    dropout_p = check_dropout_p("dropout_p", dropout_p)
     q, k, v = _split_packed(qkv, num_heads)
     return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, True, rope, rope_prefix,
-                rope_half, lambda *a: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads,
+                rope_half, dropout_p, lambda *a: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads,
                                                                              key_padding_mask, attn_mask, *a))
 
 
@@ -427,7 +268,7 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
 def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                   attn_mask: Tensor | None = None, scale: float | None = None, is_causal: bool = False,
                   return_lse: bool = False, *, rope: Tensor | None = None, rope_prefix: int = 0,
-                  rope_half: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                  rope_half: bool = False, dropout_p: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q [B, heads, N_Q, d] over k, v [B, heads, N_KV, d] in SDPA's layout (any strides;
     a q broadcast over the batch with ``expand`` is read in place); returns [B, heads, N_Q, d]
     (and the log-sum-exp [B, heads, N_Q] with ``return_lse``).
@@ -436,12 +277,14 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     ``attn_mask`` is True where attention is NOT allowed, the opposite of SDPA's), with N_KV in
     place of N for keys: ``key_padding_mask`` [B, N_KV], ``attn_mask`` [N_Q, N_KV],
     [B·heads, N_Q, N_KV] or 4-D; ``is_causal`` is SDPA's top-left causality (query i sees keys
-    0..i). ``rope`` needs N_Q = N_KV.
+    0..i). ``rope`` needs N_Q = N_KV. ``dropout_p``: dropout on the attention probabilities, as
+    SDPA's, applied whenever > 0 (pass 0 in eval).
 
     >>> q, k, v = torch.randn(3, 2, 12, 197, 64).unbind(0)
     >>> y = attention_qkv(q, k, v, is_causal=True)  # [2, 12, 197, 64]
     >>> probe = torch.randn(1, 12, 1, 64)  # attention pooling: one learned query per head
     >>> pooled = attention_qkv(probe.expand(2, -1, -1, -1), k, v)  # [2, 12, 1, 64]
+    >>> y = attention_qkv(q, k, v, dropout_p=0.1)  # training: a fresh mask each call
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
@@ -460,8 +303,9 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     check_same_device(q=q, k=k, v=v)
     _check_common("q", q, B, N_Q, N_KV, H, d, key_padding_mask, attn_mask, scale)
     _check_rope(q, rope, rope_prefix, rope_half, B, H, N_Q, N_KV, d)
+    dropout_p = check_dropout_p("dropout_p", dropout_p)
     return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, False, rope, rope_prefix,
-                rope_half, lambda s, c, *r: torch.ops.vitfast.attention_fwd(
+                rope_half, dropout_p, lambda s, c, *r: torch.ops.vitfast.attention_fwd(
                     *(_unit_last(t) for t in (q, k, v)), key_padding_mask, attn_mask, s, c, False, *r))
 
 
