@@ -35,6 +35,7 @@ def variants() -> list[Variant]:
     from vitfast.kernels import gated_linear as G
     from vitfast.kernels import layer_norm as LN
     from vitfast.kernels import linear as L
+    from vitfast.kernels import _random as R
     from vitfast.kernels import patch_embed as PE
 
     bf, f32 = "bf16", "fp32"
@@ -50,30 +51,40 @@ def variants() -> list[Variant]:
                        dict(HAS_DS=True, HAS_WEIGHT=True, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True),
                        config=ln_cfg))
     big = dict(M=50432, N=3072, K=768, X=torch.empty(0, dtype=torch.bfloat16))
-    for dtype, act, prec in ((bf, "gelu", "ieee"), (bf, "none", "ieee"), (f32, "gelu_tanh", "tf32")):
+    drop = ("dropout_p", "keep_scale")
+    # (dtype, activation, precision, dropout and row scale): the last is an out-projection in training.
+    for dtype, act, prec, dropping in ((bf, "gelu", "ieee", False), (bf, "none", "ieee", False),
+                                       (f32, "gelu_tanh", "tf32", False), (bf, "none", "ieee", True)):
         ptrs = {n: dtype for n in ("X", "W", "B", "R", "Y", "Z")}
         tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
-        out.append(Variant(f"linear {dtype} {act} + residual{' + scale' if act == 'none' else ''}", L._linear_kernel,
-                           {**ptrs, "S": f32},
+        label = f"linear {dtype} {act} + residual{' + scale' if act == 'none' else ''}"
+        out.append(Variant(label + (" + dropout + row scale" if dropping else ""), L._linear_kernel,
+                           {**ptrs, "S": f32, "SEED": "i64", "ROW_SCALE": f32},
                            dict(ACTIVATION=act, HAS_BIAS=True, HAS_SCALE=act == "none", HAS_RESIDUAL=True,
-                                STORE_PREACT=act != "none", INPUT_PRECISION=prec), {**big, "X": tensor}))
+                                STORE_PREACT=act != "none", DROPOUT=dropping, HAS_ROW_SCALE=dropping,
+                                INPUT_PRECISION=prec), {**big, "X": tensor}, floats=drop))
     epilogue_cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)
-    for act, scale in (("gelu", False), ("gelu", True), ("none", True), ("silu", False)):
-        out.append(Variant(f"linear epilogue bwd {act}{' + scale' if scale else ''}", L._epilogue_bwd_kernel,
-                           dict(DY=bf, Z=bf, S=f32, DZ=bf, DS_PART=f32),
-                           dict(ACTIVATION=act, HAS_SCALE=scale, STORE_DZ=True, COMPUTE_DSCALE=scale, READ_Z=True),
-                           config=epilogue_cfg))
+    for act, scale, dropping in (("gelu", False, False), ("gelu", True, False), ("none", True, False),
+                                 ("silu", False, False), ("gelu", False, True), ("none", True, True)):
+        label = f"linear epilogue bwd {act}{' + scale' if scale else ''}{' + dropout + row scale' if dropping else ''}"
+        out.append(Variant(label, L._epilogue_bwd_kernel,
+                           dict(DY=bf, Z=bf, S=f32, DZ=bf, DS_PART=f32, SEED="i64", ROW_SCALE=f32),
+                           dict(ACTIVATION=act, HAS_SCALE=scale, STORE_DZ=True, COMPUTE_DSCALE=scale, READ_Z=True,
+                                DROPOUT=dropping, HAS_ROW_SCALE=dropping), config=epilogue_cfg, floats=drop))
     # EVA02-B's SwiGLU fc1 at batch 256: 256·257 tokens, 768 -> 2·2048.
     gated = dict(M=65792, H=2048, K=768)
-    for dtype, act, preact, prec in ((bf, "silu", True, "ieee"), (bf, "gelu", False, "ieee"),
-                                     (f32, "silu", True, "tf32")):
+    for dtype, act, preact, prec, dropping in ((bf, "silu", True, "ieee", False), (bf, "gelu", False, "ieee", False),
+                                               (f32, "silu", True, "tf32", False), (bf, "silu", True, "ieee", True)):
         tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
-        out.append(Variant(f"gated_linear {dtype} {act}{' + preact' if preact else ''}", G._gated_linear_kernel,
-                           {n: dtype for n in ("X", "WG", "WV", "BG", "BV", "Y", "Z")},
+        label = f"gated_linear {dtype} {act}{' + preact' if preact else ''}{' + dropout' if dropping else ''}"
+        out.append(Variant(label, G._gated_linear_kernel,
+                           {**{n: dtype for n in ("X", "WG", "WV", "BG", "BV", "Y", "Z")}, "SEED": "i64"},
                            dict(ACTIVATION=act, HAS_GATE_BIAS=True, HAS_VALUE_BIAS=True, STORE_PREACT=preact,
-                                INPUT_PRECISION=prec), {**gated, "X": tensor}))
-    out.append(Variant("gated_linear epilogue bwd silu", G._gated_epilogue_bwd_kernel, dict(DY=bf, Z=bf, DZ=bf),
-                       dict(ACTIVATION="silu"), config=epilogue_cfg))
+                                DROPOUT=dropping, INPUT_PRECISION=prec), {**gated, "X": tensor}, floats=drop))
+    for dropping in (False, True):
+        out.append(Variant(f"gated_linear epilogue bwd silu{' + dropout' if dropping else ''}",
+                           G._gated_epilogue_bwd_kernel, dict(DY=bf, Z=bf, DZ=bf, SEED="i64"),
+                           dict(ACTIVATION="silu", DROPOUT=dropping), config=epilogue_cfg, floats=drop))
     pe_prune = dict(D=768, K=768, TOKENS_PER_SPLIT=50176, X=torch.empty(0, dtype=torch.bfloat16),
                     W=torch.empty(0, dtype=torch.bfloat16))
     pe_common = dict(P=16, PREFIX=1, INPUT_PRECISION="ieee")
@@ -82,30 +93,34 @@ def variants() -> list[Variant]:
                        dict(pe_common, HAS_BIAS=True, HAS_CLS_POS=True, HAS_POS=True), pe_prune))
     out.append(Variant("patch_embed dweight", PE._dweight_autotuned, dict(DT=bf, X=bf, DW=f32), pe_common, pe_prune))
     out.append(Variant("patch_embed dimages", PE._dimages_autotuned, dict(DT=bf, W=bf, DX=bf), pe_common, pe_prune))
-    # (head size, mask kind, padding-mask kind, causal, rope kind, queries): masks, RoPE (1 interleaved,
-    # 2 half, on a head size that is not a power of two) and short queries (16-row tiles).
-    for d, mask_kind, kpm_kind, causal, rope, n_q in ((64, 0, 0, False, 0, 197), (80, 1, 2, True, 0, 197),
-                                                      (128, 2, 1, False, 0, 197), (64, 0, 0, False, 1, 257),
-                                                      (80, 0, 1, True, 2, 257), (64, 0, 1, False, 0, 1)):
+    # (head size, mask kind, padding-mask kind, causal, rope kind, queries, dropout): masks, RoPE (1
+    # interleaved, 2 half, on a head size that is not a power of two), short queries (16-row tiles) and
+    # dropout on the probabilities.
+    for d, mask_kind, kpm_kind, causal, rope, n_q, dropping in (
+            (64, 0, 0, False, 0, 197, False), (80, 1, 2, True, 0, 197, False), (128, 2, 1, False, 0, 197, False),
+            (64, 0, 0, False, 1, 257, False), (80, 0, 1, True, 2, 257, False), (64, 0, 1, False, 0, 1, False),
+            (64, 0, 0, False, 0, 197, True), (80, 0, 1, True, 1, 257, True)):
         mask_t = {0: f32, 1: "u8", 2: bf}[mask_kind]
         kpm_t = {0: f32, 1: "u8", 2: bf}[kpm_kind]
         consts = dict(HEAD_DIM=d, MASK_KIND=mask_kind, KPM_KIND=kpm_kind, IS_CAUSAL=causal, ROPE=rope,
-                      BLOCK_D=1 << (d - 1).bit_length())
+                      DROPOUT=dropping, BLOCK_D=1 << (d - 1).bit_length())
         prune = dict(N_Q=n_q, N_KV=n_q if rope else 197, HEAD_DIM=d, Q=torch.empty(0, dtype=torch.bfloat16))
         label = (f"d={d} mask={mask_kind} kpm={kpm_kind}{' causal' if causal else ''}"
-                 f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}")
+                 f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}{' dropout' if dropping else ''}")
         out.append(Variant(f"attention fwd {label}", A._fwd_autotuned,
-                           dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t, TAB=f32), consts, prune,
-                           floats=("qk_scale",)))
+                           dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t, TAB=f32, SEED="i64"), consts,
+                           prune, floats=("qk_scale", *drop)))
         bwd = dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DQ=bf, MASK=mask_t, KPM=kpm_t,
-                   TAB=f32)
+                   TAB=f32, SEED="i64")
         out.append(Variant(f"attention bwd dK/dV {label}", A._dkdv_autotuned, bwd, consts, prune,
-                           floats=("qk_scale", "sm_scale")))
+                           floats=("qk_scale", "sm_scale", *drop)))
         out.append(Variant(f"attention bwd dQ {label}", A._dq_autotuned, bwd, consts, prune,
-                           floats=("qk_scale", "sm_scale")))
+                           floats=("qk_scale", "sm_scale", *drop)))
     out.append(Variant("attention bwd delta d=64", A._attention_bwd_delta_kernel,
                        dict(O=bf, DO=bf, DLSE=f32, DELTA=f32), dict(HEAD_DIM=64, HAS_DLSE=True, BLOCK_D=64),
                        config=dict(BLOCK_M=64, num_warps=4, num_stages=1)))
+    out.append(Variant("dropout keep mask (tests)", R._keep_mask_kernel, dict(SEED="i64", OUT="u8"),
+                       dict(SITE=R.ATTENTION, BLOCK=128), floats=("p",), config=dict(num_warps=4, num_stages=1)))
     return out
 
 

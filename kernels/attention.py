@@ -56,6 +56,8 @@ NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# A jit function reads only constexpr globals (the interpreter reads any, the compiler does not).
+_ATTENTION_SITE = tl.constexpr(ATTENTION)
 
 
 @triton.jit
@@ -195,7 +197,7 @@ def _attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:  # the normaliser above sums every p; only the kept ones reach the output
-            p = tl.where(keep(seed, keys[None, :], rows[:, None], bh, ATTENTION, dropout_p), p, 0.0)
+            p = tl.where(keep(seed, keys[None, :], rows[:, None], bh, _ATTENTION_SITE, dropout_p), p, 0.0)
         v = tl.load(v_ptrs, mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
@@ -309,7 +311,7 @@ def _attention_bwd_dkdv_kernel(
         pt = tl.math.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
         if DROPOUT:  # the tile is transposed: keys run down its rows, queries across its columns
-            kept = keep(seed, keys[:, None], rows[None, :], bh, ATTENTION, dropout_p)
+            kept = keep(seed, keys[:, None], rows[None, :], bh, _ATTENTION_SITE, dropout_p)
             dv += tl.dot(tl.where(kept, pt * keep_scale, 0.0).to(do.dtype), do, input_precision="ieee")
             dpt = tl.where(kept, dpt * keep_scale, 0.0)
         else:
@@ -378,7 +380,7 @@ def _attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if DROPOUT:
-            dp = tl.where(keep(seed, keys[None, :], rows[:, None], bh, ATTENTION, dropout_p), dp * keep_scale, 0.0)
+            dp = tl.where(keep(seed, keys[None, :], rows[:, None], bh, _ATTENTION_SITE, dropout_p), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         k_ptrs += BLOCK_N * stride_kn
