@@ -106,7 +106,8 @@ def variants() -> list[Variant]:
                       DROPOUT=dropping, BLOCK_D=1 << (d - 1).bit_length())
         prune = dict(N_Q=n_q, N_KV=n_q if rope else 197, HEAD_DIM=d, Q=torch.empty(0, dtype=torch.bfloat16))
         label = (f"d={d} mask={mask_kind} kpm={kpm_kind}{' causal' if causal else ''}"
-                 f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}{' dropout' if dropping else ''}")
+                 f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}"
+                 f"{' dropout' if dropping else ''}")
         out.append(Variant(f"attention fwd {label}", A._fwd_autotuned,
                            dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t, TAB=f32, SEED="i64"), consts,
                            prune, floats=("qk_scale", *drop)))

@@ -380,7 +380,8 @@ def _attention_bwd_dq_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         if DROPOUT:
-            dp = tl.where(keep(seed, keys[None, :], rows[:, None], bh, _ATTENTION_SITE, dropout_p), dp * keep_scale, 0.0)
+            kept = keep(seed, keys[None, :], rows[:, None], bh, _ATTENTION_SITE, dropout_p)
+            dp = tl.where(kept, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         k_ptrs += BLOCK_N * stride_kn

@@ -171,7 +171,6 @@ def test_mlp_module_drop_in_for_timm(act_layer, name):
 @pytest.mark.parametrize("kwargs, reason", [
     (dict(act_layer=nn.Tanh), "activation Tanh"),
     (dict(norm_layer=nn.LayerNorm), "norm_layer LayerNorm"),
-    (dict(drop=0.1), "dropout while training"),
     (dict(use_conv=True), "layers Conv2d/Conv2d"),
 ])
 def test_mlp_module_falls_back_for_what_it_cannot_fuse(kwargs, reason):

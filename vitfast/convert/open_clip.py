@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, packed_block_weights, param, pre_norm_block
+from ..modules._block import BlockWeights, packed_block_weights, param, pre_norm_block
+from ..modules._drops import Drops, live
 from ..modules._fused import Fused, Unfusable, original_class
 from ..modules.layer_norm import FusedLayerNorm
 from ..modules.mlp import activation_name
@@ -89,9 +90,7 @@ class FusedOpenClipBlock(Fused):
     def _vitfast_declines(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
                           attn_mask: Tensor | None = None) -> bool:
         # k_x and v_x are ignored by a block without ln_1_kv, as open_clip's forward does.
-        attn = self._modules["attn"]
-        return (drops((attn, attn.dropout)) or not isinstance(q_x, Tensor) or q_x.is_nested
-                or torch.is_autocast_enabled(q_x.device.type))
+        return not isinstance(q_x, Tensor) or q_x.is_nested or torch.is_autocast_enabled(q_x.device.type)
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -113,7 +112,9 @@ class FusedOpenClipBlock(Fused):
             raise Unfusable(reason)
         if attn_mask is not None:
             attn_mask = attn_mask.to(q_x.dtype)  # as ResidualAttentionBlock.attention does: then a float mask
-        return pre_norm_block(q_x, w, attn_mask=attn_mask, batch_first=m["attn"].batch_first)
+        attn = m["attn"]  # its dropout on the attention probabilities is the block's only one
+        return pre_norm_block(q_x, w, attn_mask=attn_mask, batch_first=attn.batch_first,
+                              drops=Drops(attn=live(attn, attn.dropout)))
 
 
 RULES = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
+from ..modules._drops import Drops, live
 from ..modules._fused import Fused, Unfusable
 from ..modules.layer_norm import FusedLayerNorm
 from ..modules.mlp import activation_name
@@ -35,6 +36,27 @@ def _drop_p(m: nn.Module) -> float:
     """A Dropout's p, a DropPath's drop_prob, 0 for an Identity."""
     state = m.__dict__
     return float(state.get("p", state.get("drop_prob", 0.0)))
+
+
+def site(m: nn.Module) -> float:
+    """The probability a timm dropout or DropPath module (or an Identity) applies now."""
+    return live(m, _drop_p(m))
+
+
+def _path_draw(paths: tuple[nn.Module, ...]) -> str:
+    """How timm's DropPath draws its per-sample mask: divided by keep unless ``scale_by_keep`` is off."""
+    scaled = all(m.__dict__.get("scale_by_keep", True) for m in paths)
+    return "bernoulli" if scaled else "bernoulli_unscaled"
+
+
+def block_drops(attn: nn.Module, mlp: nn.Module, drop_path1: nn.Module, drop_path2: nn.Module) -> Drops:
+    """Dropout and stochastic depth of a timm block (``Block``, ``EvaBlock``) in effect now. With
+    ``fused_attn`` timm drops attention probabilities by the attention module's training flag
+    (SDPA's dropout_p), otherwise through ``attn_drop`` itself."""
+    a, m = attn._modules, mlp._modules
+    attn_p = live(attn, _drop_p(a["attn_drop"])) if attn.fused_attn else site(a["attn_drop"])
+    return Drops(attn=attn_p, proj=site(a["proj_drop"]), hidden=site(m["drop1"]), mlp=site(m["drop2"]),
+                 path1=site(drop_path1), path2=site(drop_path2), path_draw=_path_draw((drop_path1, drop_path2)))
 
 
 def mlp_reason(mlp: nn.Module | None) -> str | None:
@@ -124,12 +146,7 @@ class FusedTimmBlock(Fused):
         return block_reason(self)
 
     def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
-        m = self._modules
-        attn, a, mlp = m["attn"], m["attn"]._modules, m["mlp"]._modules
-        sites = (a["attn_drop"], a["proj_drop"], mlp["drop1"], mlp["drop2"], m["drop_path1"], m["drop_path2"])
-        # timm's SDPA path drops attention weights by the attention module's own training flag.
-        return attn_mask is not None or bool(is_causal) or drops(
-            (attn, _drop_p(a["attn_drop"])), *((d, _drop_p(d)) for d in sites))
+        return attn_mask is not None or bool(is_causal)
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -146,7 +163,9 @@ class FusedTimmBlock(Fused):
         )
 
     def _fused_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        return pre_norm_block(x, self._weights())
+        m = self._modules
+        return pre_norm_block(x, self._weights(),
+                              drops=block_drops(m["attn"], m["mlp"], m["drop_path1"], m["drop_path2"]))
 
 
 def patch_embed_reason(pe: nn.Module) -> str | None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, linear_params, norm_params, param, pre_norm_block
+from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
 from ..modules._fused import Fused
 from .pytorch import is_layer_norm
 from .rules import Rule, head_dim_reason, is_exactly
-from .timm import (_DROPOUT, _LINEAR, _NORMS, DROP_PATH, _drop_p, _identity_or, attention_norm_reason, mlp_reason,
-                   mlp_weights, norm_or_none)
+from .timm import (_DROPOUT, _LINEAR, _NORMS, DROP_PATH, _identity_or, attention_norm_reason, block_drops,
+                   mlp_reason, mlp_weights, norm_or_none)
 
 EVA_BLOCK = ("timm.models.eva", "EvaBlock")
 EVA_ATTENTION = ("timm.models.eva", "EvaAttention")
@@ -77,11 +77,8 @@ class FusedTimmEvaBlock(Fused):
 
     def _vitfast_declines(self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
                           is_causal: bool = False) -> bool:
-        # timm's attn_mask follows SDPA's convention; its own code runs it. Dropout runs there too.
-        m = self._modules
-        attn, a, mlp = m["attn"], m["attn"]._modules, m["mlp"]._modules
-        sites = (a["attn_drop"], a["proj_drop"], mlp["drop1"], mlp["drop2"], m["drop_path1"], m["drop_path2"])
-        return attn_mask is not None or drops((attn, _drop_p(a["attn_drop"])), *((d, _drop_p(d)) for d in sites))
+        # timm's attn_mask follows SDPA's convention; its own code runs it.
+        return attn_mask is not None
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -99,9 +96,11 @@ class FusedTimmEvaBlock(Fused):
 
     def _fused_forward(self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,
                        is_causal: bool = False) -> Tensor:
-        attn = self._modules["attn"]
+        m = self._modules
+        attn = m["attn"]
         return pre_norm_block(x, self._weights(), is_causal=bool(is_causal), rope=rope,
-                              rope_prefix=attn.num_prefix_tokens, rope_half=bool(getattr(attn, "rotate_half", False)))
+                              rope_prefix=attn.num_prefix_tokens, rope_half=bool(getattr(attn, "rotate_half", False)),
+                              drops=block_drops(attn, m["mlp"], m["drop_path1"], m["drop_path2"]))
 
 
 RULES = [Rule((EVA_BLOCK,), eva_block_reason, FusedTimmEvaBlock)]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..modules._block import drops, linear_params, param
+from ..modules._block import linear_params, param
+from ..modules._drops import Drops
 from ..modules._fused import Fused, Unfusable
 from ..modules.attention_pool import PoolWeights, attention_pool
 from .pytorch import is_layer_norm
 from .rules import Rule, head_dim_reason, is_exactly
-from .timm import _DROPOUT, _IDENTITY, _LINEAR, _NORMS, _drop_p, _identity_or, mlp_reason, mlp_weights, norm_or_none
+from .timm import _DROPOUT, _IDENTITY, _LINEAR, _NORMS, _identity_or, mlp_reason, mlp_weights, norm_or_none, site
 
 ATTENTION_POOL = ("timm.layers.attention_pool", "AttentionPoolLatent")
 
@@ -49,11 +50,16 @@ class FusedTimmAttentionPool(Fused):
         return attention_pool_reason(self)
 
     def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None) -> bool:
-        # An attn_mask (SDPA's convention) and dropout run timm's own code.
+        # An attn_mask (SDPA's convention) runs timm's own code.
+        return attn_mask is not None
+
+    def _drops(self) -> Drops:
+        """timm's pool drops the out-projection's output and, through its Mlp, the MLP's; not the
+        attention probabilities."""
         m = self._modules
         mlp = m.get("mlp")  # out_features=0: no MLP (an attribute set to None, not a submodule)
-        sites = [m["proj_drop"]] + ([] if mlp is None else [mlp._modules["drop1"], mlp._modules["drop2"]])
-        return attn_mask is not None or drops(*((d, _drop_p(d)) for d in sites))
+        hidden, out = (0.0, 0.0) if mlp is None else (site(mlp._modules["drop1"]), site(mlp._modules["drop2"]))
+        return Drops(proj=site(m["proj_drop"]), hidden=hidden, mlp=out)
 
     def _weights(self) -> PoolWeights:
         m = self._modules
@@ -75,7 +81,7 @@ class FusedTimmAttentionPool(Fused):
             if x.dim() != 3 or x.shape[1] != pos.shape[0]:
                 raise Unfusable(f"tokens of shape {tuple(getattr(x, 'shape', ()))} do not fit the position embedding")
             x = x + pos.unsqueeze(0).to(x.dtype)  # as timm adds it
-        return attention_pool(x, self._weights())
+        return attention_pool(x, self._weights(), drops=self._drops())
 
 
 RULES = [Rule((ATTENTION_POOL,), attention_pool_reason, FusedTimmAttentionPool)]

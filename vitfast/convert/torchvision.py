@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..modules._block import BlockWeights, drops, packed_block_weights, pre_norm_block
+from ..modules._block import BlockWeights, packed_block_weights, pre_norm_block
+from ..modules._drops import Drops, live
 from ..modules._fused import Fused
 from ..modules.mlp import activation_name
 from ..modules.patch_embed import PatchConv2d, patch_conv_reason
@@ -41,9 +42,12 @@ class FusedTorchvisionEncoderBlock(Fused):
     def _vitfast_unsupported(self) -> str | None:
         return block_reason(self)
 
-    def _vitfast_declines(self, input: Tensor) -> bool:
-        mlp, attn = self.mlp, self.self_attention
-        return drops((attn, attn.dropout), *((d, d.p) for d in (self.dropout, mlp[2], mlp[4])))
+    def _drops(self) -> Drops:
+        """Attention dropout (by the attention's flag), then ``dropout`` on its output and the MLP's two."""
+        m = self._modules
+        attn, mlp = m["self_attention"], list(m["mlp"]._modules.values())
+        return Drops(attn=live(attn, attn.dropout), proj=live(m["dropout"], m["dropout"].p),
+                     hidden=live(mlp[2], mlp[2].p), mlp=live(mlp[4], mlp[4].p))
 
     def _weights(self) -> BlockWeights:
         m = self._modules
@@ -51,7 +55,7 @@ class FusedTorchvisionEncoderBlock(Fused):
         return packed_block_weights(m["self_attention"], mlp[0], mlp[3], m["ln_1"], m["ln_2"], activation_name(mlp[1]))
 
     def _fused_forward(self, input: Tensor) -> Tensor:
-        return pre_norm_block(input, self._weights())
+        return pre_norm_block(input, self._weights(), drops=self._drops())
 
 
 RULES = [

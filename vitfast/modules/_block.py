@@ -12,6 +12,9 @@ Variants the same launches carry: rotary position embeddings (applied to q and k
 attention kernel), a gated MLP (SwiGLU, GeGLU: act(gate)·value in fc1's epilogue), LayerNorms inside
 the branches (EVA's scale-norm of the attention output, the sub-LN of the MLP's hidden activations:
 one more launch each) and per-channel LayerScale in the out-projection's and fc2's epilogues.
+In training, dropout runs inside the same launches (on the attention probabilities in the attention
+kernel, on the out-projection's, fc1's and fc2's outputs in the GEMM epilogues) and stochastic depth
+scales each sample's branch in the residual epilogue (``_drops.py``).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from ..ops.gated_linear import gated_linear
 from ..ops.layer_norm import layer_norm
 from ..ops.linear import linear, mlp
 from ._block_checks import check_block
+from ._drops import NONE, Drops, drop_path_scale
 
 Norm = tuple["Tensor | None", "Tensor | None", float]  # weight, bias, eps
 
@@ -48,13 +52,6 @@ class BlockWeights:
     fc2_scale: Tensor | None = None  # [D] per-channel scale of the MLP branch (ls2)
     attn_norm: Norm | None = None  # LayerNorm of the attention output before the out-projection
     mlp_norm: Norm | None = None  # LayerNorm of the hidden activations before fc2
-
-
-def drops(*sites: tuple[nn.Module, float]) -> bool:
-    """Whether any dropout site drops now. A site is (the module whose training flag decides, p): each
-    decides by its own flag, as in PyTorch and timm, so a model in eval() with its dropout modules
-    switched back to train() (Monte Carlo dropout) drops there too."""
-    return any(m.training and p > 0 for m, p in sites)
 
 
 def param(module: nn.Module, name: str) -> Tensor | None:
@@ -97,51 +94,59 @@ def _packed(t: Tensor | tuple[Tensor | None, ...] | None) -> Tensor | None:
 
 
 def _attend(y: Tensor, w: BlockWeights, key_padding_mask, attn_mask, is_causal: bool,
-            batch_first: bool = True, rope: tuple = (None, 0, False)) -> Tensor:
+            batch_first: bool = True, rope: tuple = (None, 0, False), dropout_p: float = 0.0) -> Tensor:
     """Attention of the tokens ``y`` ([B, N, D], or [N, B, D] when not ``batch_first``): [B, N, D],
-    through the attention norm when the block has one."""
+    through the attention norm when the block has one; ``dropout_p`` drops attention probabilities."""
     qkv = linear(y, _packed(w.qkv_weight), _packed(w.qkv_bias))
     table, prefix, half = rope
     a = attention(qkv if batch_first else qkv.transpose(0, 1), w.num_heads, key_padding_mask=key_padding_mask,
                   attn_mask=attn_mask, scale=w.scale, is_causal=is_causal, rope=table, rope_prefix=prefix,
-                  rope_half=half)
+                  rope_half=half, dropout_p=dropout_p)
     return a if w.attn_norm is None else layer_norm(a, *w.attn_norm)
 
 
-def mlp_branch(y: Tensor, w: BlockWeights, residual: Tensor) -> Tensor:
-    """residual + scale · fc2(norm(act(fc1(y)))), fc1 gated or not, the norm when ``w`` has one. ``w``
-    is anything with BlockWeights' MLP fields (fc1_*, fc2_*, activation, mlp_norm, fc2_scale)."""
+def mlp_branch(y: Tensor, w: BlockWeights, residual: Tensor, drops: Drops = NONE,
+               path_scale: Tensor | None = None) -> Tensor:
+    """residual + path_scale · scale · drop(fc2(norm(drop(act(fc1(y)))))), fc1 gated or not, the norm
+    when ``w`` has one, dropout as ``drops`` says (hidden, mlp) and ``path_scale`` the per-sample
+    factor of stochastic depth. ``w`` is anything with BlockWeights' MLP fields (fc1_*, fc2_*,
+    activation, mlp_norm, fc2_scale)."""
+    out = dict(residual=residual, scale=w.fc2_scale, dropout_p=drops.mlp, row_scale=path_scale)
     if not isinstance(w.fc1_weight, tuple) and w.mlp_norm is None:
         return mlp(y, w.fc1_weight, w.fc1_bias, w.fc2_weight, w.fc2_bias, activation=w.activation,
-                   residual=residual, scale=w.fc2_scale)
+                   hidden_dropout_p=drops.hidden, **out)
     if isinstance(w.fc1_weight, tuple):
         (gate_w, value_w), (gate_b, value_b) = w.fc1_weight, w.fc1_bias or (None, None)
-        h = gated_linear(y, gate_w, gate_b, value_w, value_b, activation=w.activation)
+        h = gated_linear(y, gate_w, gate_b, value_w, value_b, activation=w.activation, dropout_p=drops.hidden)
     else:
-        h = linear(y, w.fc1_weight, w.fc1_bias, activation=w.activation)
+        h = linear(y, w.fc1_weight, w.fc1_bias, activation=w.activation, dropout_p=drops.hidden)
     if w.mlp_norm is not None:
         h = layer_norm(h, *w.mlp_norm)
-    return linear(h, w.fc2_weight, w.fc2_bias, residual=residual, scale=w.fc2_scale)
+    return linear(h, w.fc2_weight, w.fc2_bias, **out)
 
 
 def pre_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,
                    is_causal: bool = False, batch_first: bool = True, rope: Tensor | None = None,
-                   rope_prefix: int = 0, rope_half: bool = False) -> Tensor:
+                   rope_prefix: int = 0, rope_half: bool = False, drops: Drops = NONE) -> Tensor:
     """x + attn(LN1(x)), then + mlp(LN2(·)); x is [B, N, D], or sequence-first [N, B, D] when not
     ``batch_first`` (OpenAI CLIP's layout), and the result keeps x's layout. ``rope`` (timm's
-    [sin | cos] table), ``rope_prefix`` and ``rope_half`` rotate q and k as ``vitfast.ops.attention`` does."""
+    [sin | cos] table), ``rope_prefix`` and ``rope_half`` rotate q and k as ``vitfast.ops.attention`` does.
+    ``drops``: dropout and stochastic depth in effect for this call (training)."""
     check_block(x if batch_first else x.transpose(0, 1), w, key_padding_mask, attn_mask, rope, rope_prefix)
     a = _attend(layer_norm(x, *w.norm1), w, key_padding_mask, attn_mask, is_causal, batch_first,
-                (rope, rope_prefix, rope_half))
+                (rope, rope_prefix, rope_half), drops.attn)
     # Sequence-first: the out-projection reads the attention output back in x's layout.
-    x = linear(a if batch_first else a.transpose(0, 1), w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale)
-    return mlp_branch(layer_norm(x, *w.norm2), w, x)
+    x = linear(a if batch_first else a.transpose(0, 1), w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale,
+               dropout_p=drops.proj, row_scale=drop_path_scale(x, drops.path1, drops.path_draw, batch_first))
+    return mlp_branch(layer_norm(x, *w.norm2), w, x, drops,
+                      drop_path_scale(x, drops.path2, drops.path_draw, batch_first))
 
 
 def post_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,
-                    is_causal: bool = False) -> Tensor:
-    """LN1(x + attn(x)), then LN2(· + mlp(·)); x is [B, N, D] (batch first)."""
+                    is_causal: bool = False, drops: Drops = NONE) -> Tensor:
+    """LN1(x + attn(x)), then LN2(· + mlp(·)); x is [B, N, D] (batch first); ``drops`` as in
+    ``pre_norm_block`` (nn.TransformerEncoderLayer has no stochastic depth)."""
     check_block(x, w, key_padding_mask, attn_mask)
-    a = _attend(x, w, key_padding_mask, attn_mask, is_causal)
-    x = layer_norm(linear(a, w.proj_weight, w.proj_bias, residual=x), *w.norm1)
-    return layer_norm(mlp_branch(x, w, x), *w.norm2)
+    a = _attend(x, w, key_padding_mask, attn_mask, is_causal, dropout_p=drops.attn)
+    x = layer_norm(linear(a, w.proj_weight, w.proj_bias, residual=x, dropout_p=drops.proj), *w.norm1)
+    return layer_norm(mlp_branch(x, w, x, drops), *w.norm2)

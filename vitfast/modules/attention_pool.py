@@ -23,6 +23,7 @@ from ..ops.layer_norm import layer_norm
 from ..ops.linear import linear
 from ._block import Norm, mlp_branch
 from ._block_checks import KERNEL_DTYPES
+from ._drops import NONE, Drops
 from ._fused import Unfusable
 
 
@@ -66,9 +67,11 @@ def pool_input_reason(x: object, w: PoolWeights, key_padding_mask: Tensor | None
     return None
 
 
-def attention_pool(x: Tensor, w: PoolWeights, key_padding_mask: Tensor | None = None) -> Tensor:
+def attention_pool(x: Tensor, w: PoolWeights, key_padding_mask: Tensor | None = None, drops: Drops = NONE) -> Tensor:
     """The head over tokens ``x`` [B, N, D]: [B, D_out] pooled, or [B, L, D_out] for no pooling.
-    ``key_padding_mask`` [B, N], bool, True = a padding token no query attends to."""
+    ``key_padding_mask`` [B, N], bool, True = a padding token no query attends to. ``drops``: dropout
+    in training on the attention probabilities (attn), the out-projection's output (proj) and the
+    MLP's (hidden, mlp)."""
     reason = pool_input_reason(x, w, key_padding_mask)
     if reason is not None:
         raise Unfusable(reason)
@@ -78,11 +81,12 @@ def attention_pool(x: Tensor, w: PoolWeights, key_padding_mask: Tensor | None = 
     L = q.shape[1]
     q = q.view(1, L, H, D // H).transpose(1, 2).expand(B, H, L, D // H)  # the same queries for every image
     k, v = linear(x, w.kv_weight, w.kv_bias).unflatten(-1, (2, H, D // H)).permute(2, 0, 3, 1, 4).unbind(0)
-    y = attention_qkv(q, k, v, key_padding_mask=key_padding_mask, scale=w.scale).transpose(1, 2).reshape(B, L, D)
+    y = attention_qkv(q, k, v, key_padding_mask=key_padding_mask, scale=w.scale, dropout_p=drops.attn)
+    y = y.transpose(1, 2).reshape(B, L, D)
     if w.proj_weight is not None:
-        y = linear(y, w.proj_weight, w.proj_bias)
+        y = linear(y, w.proj_weight, w.proj_bias, dropout_p=drops.proj)
     if w.fc1_weight is not None:
-        y = mlp_branch(y if w.norm is None else layer_norm(y, *w.norm), w, y)
+        y = mlp_branch(y if w.norm is None else layer_norm(y, *w.norm), w, y, drops)
     if w.pool == "token":
         return y[:, 0]
     return y.mean(1) if w.pool == "avg" else y

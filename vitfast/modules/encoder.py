@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._block import BlockWeights, drops, packed_block_weights, post_norm_block, pre_norm_block
+from ._block import BlockWeights, packed_block_weights, post_norm_block, pre_norm_block
+from ._drops import Drops, live
 from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
 from .layer_norm import LayerNorm
@@ -13,9 +14,14 @@ from .mlp import activation_name
 _OUT_PROJ = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
-def _dropout_active(layer: nn.TransformerEncoderLayer) -> bool:
-    return drops(*((d, d.p) for d in (layer.dropout, layer.dropout1, layer.dropout2)),
-                 (layer.self_attn, layer.self_attn.dropout))
+def layer_drops(layer: nn.TransformerEncoderLayer) -> Drops:
+    """The dropout in effect: on the attention probabilities (``self_attn.dropout``, by the attention's
+    training flag), the attention output (``dropout1``), the MLP's hidden activations (``dropout``) and
+    its output (``dropout2``), each by its own module's flag."""
+    m = layer._modules
+    attn = m["self_attn"]
+    return Drops(attn=live(attn, attn.dropout), proj=live(m["dropout1"], m["dropout1"].p),
+                 hidden=live(m["dropout"], m["dropout"].p), mlp=live(m["dropout2"], m["dropout2"].p))
 
 
 def unsupported_reason(layer: nn.TransformerEncoderLayer) -> str | None:
@@ -55,9 +61,10 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
     Same constructor, parameters and ``state_dict``; PyTorch's meaning for ``norm_first``,
     ``batch_first``, ``activation`` (gelu/relu as strings or functions), ``layer_norm_eps``,
     ``bias``, ``src_key_padding_mask``, ``src_mask`` (bool: True = masked; float: added) and
-    ``is_causal`` (a hint that ``src_mask`` is causal, as in PyTorch). In training with dropout
-    p > 0 it runs PyTorch's own forward (exact dropout semantics) until a fused dropout exists, and
-    so it does, with one warning, while hooks sit on its submodules or one of them was replaced.
+    ``is_causal`` (a hint that ``src_mask`` is causal, as in PyTorch). In training its dropout runs
+    inside the kernels (attention probabilities, attention output, the MLP's hidden activations and
+    output), drawn from PyTorch's generator. It runs PyTorch's own forward, with one warning, while
+    hooks sit on its submodules or one of them was replaced.
     A query row whose keys are all masked yields zeros where PyTorch yields NaN.
 
     >>> layer = FastTransformerEncoderLayer(d_model=768, nhead=12, batch_first=True)
@@ -88,8 +95,8 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
 
     def _vitfast_declines(self, src: Tensor, src_mask: Tensor | None = None,
                           src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> bool:
-        # PyTorch's own code: exact dropout, nested tensors, and its error for a causal hint without a mask.
-        return _dropout_active(self) or src.is_nested or (is_causal and src_mask is None)
+        # PyTorch's own code: nested tensors, and its error for a causal hint without a mask.
+        return src.is_nested or (is_causal and src_mask is None)
 
     def _fused_forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                        is_causal: bool = False) -> Tensor:
@@ -104,7 +111,8 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
             kpm = kpm.unsqueeze(0)
         block = pre_norm_block if self.norm_first else post_norm_block
         # is_causal only certifies src_mask; the mask itself is applied, so the hint changes nothing.
-        out = block(x.contiguous(), self._weights(), key_padding_mask=kpm, attn_mask=src_mask)
+        out = block(x.contiguous(), self._weights(), key_padding_mask=kpm, attn_mask=src_mask,
+                    drops=layer_drops(self))
         if unbatched:
             return out.squeeze(0)
         return out if self.self_attn.batch_first else out.transpose(0, 1).contiguous()

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import runtime
 from ..ops.linear import mlp
+from ._drops import live
 from ._fused import bypass_reason
 from ._share import share_as
 
@@ -74,9 +75,9 @@ class Mlp(nn.Module):
     (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and ``state_dict``.
 
     ``forward(x)`` returns ``fc2(act(fc1(x)))``; ``forward(x, residual)`` adds ``residual`` in fc2's
-    epilogue. GELU (exact or tanh), QuickGELU, ReLU and SiLU are fused; another activation, a
-    ``norm_layer``, dropout while training, or ``use_conv`` (1×1 convolutions over NCHW) runs the
-    PyTorch path, with one warning per configuration.
+    epilogue. GELU (exact or tanh), QuickGELU, ReLU and SiLU are fused, and in training ``drop1`` and
+    ``drop2`` drop inside fc1's and fc2's epilogues; another activation, a ``norm_layer``, or
+    ``use_conv`` (1×1 convolutions over NCHW) runs the PyTorch path, with one warning per configuration.
 
     >>> block_mlp = Mlp(768, 3072)
     >>> y = block_mlp(torch.randn(2, 197, 768), residual=torch.randn(2, 197, 768))
@@ -113,8 +114,8 @@ class Mlp(nn.Module):
             return f"activation {type(self.act).__name__}"
         if not isinstance(self.norm, nn.Identity):
             return f"norm_layer {type(self.norm).__name__}"
-        if self.training and (self.drop1.p > 0 or self.drop2.p > 0):
-            return "dropout while training"
+        if not (type(self.drop1) is nn.Dropout and type(self.drop2) is nn.Dropout):
+            return f"dropouts {type(self.drop1).__name__}/{type(self.drop2).__name__}"
         bypassed = bypass_reason(self, tuple(self._modules))
         if bypassed is not None:
             return bypassed
@@ -133,7 +134,8 @@ class Mlp(nn.Module):
             runtime.warn_once(f"Mlp:{reason}", f"vitfast.Mlp: {reason} is not fused; using PyTorch")
             return self._torch_forward(x, residual)
         return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                   activation_name(self.act), residual=residual)
+                   activation_name(self.act), residual=residual, hidden_dropout_p=live(self.drop1, self.drop1.p),
+                   dropout_p=live(self.drop2, self.drop2.p))
 
     @classmethod
     def from_timm(cls, mlp: nn.Module) -> "Mlp":

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..ops.attention import attention
 from ..ops.linear import linear
-from ._block import drops, linear_params, param
+from ._block import linear_params, param
+from ._drops import live
 from ._fused import Fused, Unfusable
 from ._share import share_as
 
@@ -82,8 +83,9 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
     ``is_causal`` (a hint that needs ``attn_mask``: where PyTorch's own code then drops the mask for
     its causal path, so does vitfast). Returns ``(output, None)``. It runs PyTorch's own forward, as
     it is, for what it does not compute: attention weights (``need_weights=True``, the default),
-    cross-attention (query, key and value not one tensor), unbatched or nested inputs, dropout while
-    training, autocast. A query row whose keys are all masked yields zeros.
+    cross-attention (query, key and value not one tensor), unbatched or nested inputs, autocast. In
+    training, ``dropout`` drops attention probabilities inside the attention kernel. A query row
+    whose keys are all masked yields zeros.
 
     >>> mha = MultiheadAttention(768, 12, batch_first=True)
     >>> y, _ = mha(x, x, x, need_weights=False)
@@ -108,7 +110,7 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
         # A causal hint without a mask: PyTorch raises, or ignores it on its native path.
         return (bool(need_weights) or query is not key or key is not value or not isinstance(query, Tensor)
                 or query.is_nested or query.dim() != 3 or (bool(is_causal) and attn_mask is None)
-                or drops((self, self.dropout)) or torch.is_autocast_enabled(query.device.type))
+                or torch.is_autocast_enabled(query.device.type))
 
     def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                        need_weights: bool = True, attn_mask: Tensor | None = None,
@@ -128,6 +130,7 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
             raise Unfusable(reason)
         qkv = linear(query, param(self, "in_proj_weight"), param(self, "in_proj_bias"))
         a = attention(qkv if self.batch_first else qkv.transpose(0, 1), self.num_heads,
-                      key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=causal)  # [B, N, D]
+                      key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=causal,
+                      dropout_p=live(self, self.dropout))  # [B, N, D]
         out = linear(a if self.batch_first else a.transpose(0, 1), *linear_params(self._modules["out_proj"]))
         return out, None

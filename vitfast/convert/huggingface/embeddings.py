@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...modules._block import drops
+from ...modules._drops import any_live
 from ...modules._fused import Fused, Unfusable
 from ...modules.patch_embed import fusable_images, patch_conv_reason
 from ...ops.patch_embed import patch_embed
@@ -68,7 +68,7 @@ class FusedHFViTEmbeddings(Fused):
 
     def _vitfast_declines(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None,
                           interpolate_pos_encoding: bool | None = False) -> bool:
-        return bool_masked_pos is not None or bool(interpolate_pos_encoding) or drops((self.dropout, self.dropout.p))
+        return bool_masked_pos is not None or bool(interpolate_pos_encoding) or any_live((self.dropout, self.dropout.p))
 
     def _fused_forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         proj = self.patch_embeddings.projection
@@ -94,7 +94,7 @@ class FusedHFDinov2Embeddings(Fused):
         return _patches_reason(self, kind) or _tokens_reason(self, "cls_token", "position_embeddings")
 
     def _vitfast_declines(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> bool:
-        return bool_masked_pos is not None or drops((self.dropout, self.dropout.p))
+        return bool_masked_pos is not None or any_live((self.dropout, self.dropout.p))
 
     def _fused_forward(self, pixel_values: Tensor, *args, **kwargs) -> Tensor:
         proj, pos = self.patch_embeddings.projection, self.position_embeddings

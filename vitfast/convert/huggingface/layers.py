@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ...modules._block import BlockWeights, drops, linear_params, norm_params, pre_norm_block
+from ...modules._block import BlockWeights, linear_params, norm_params, pre_norm_block
+from ...modules._drops import Drops, live
 from ...modules._fused import Fused, Unfusable, original_class
 from ...modules.mlp import activation_name
 from ..pytorch import is_layer_norm
@@ -143,6 +144,17 @@ def _drop_path_p(m: nn.Module | None) -> float:
     return 0.0 if m is None else float(m.__dict__.get("drop_prob", 0.0))
 
 
+def layer_drops(p: dict) -> Drops:
+    """Dropout and stochastic depth of a layer's parts (``_parts``) in effect now: attention dropout by
+    the attention module's training flag (transformers passes ``dropout=0.0 if not self.training``),
+    the layer's output dropouts (ViT and DeiT: one module on both branches in transformers 5, one
+    per branch in 4), DINOv2's drop path (one module on both branches, drawn as ``floor(keep + rand)``)."""
+    outs, dp = p["drops"], p["drop_path"]
+    path = live(dp, _drop_path_p(dp))
+    return Drops(attn=live(p["attn"], p["attn_drop"]), proj=live(outs[0], outs[0].p) if outs else 0.0,
+                 mlp=live(outs[-1], outs[-1].p) if outs else 0.0, path1=path, path2=path, path_draw="floor")
+
+
 class FusedHFEncoderLayer(Fused):
     """A Hugging Face pre-norm encoder layer as one fused block. q, k and v are concatenated into one
     QKV weight on each call: a copy of 3·D² weights, small next to the block's GEMMs over every token,
@@ -159,11 +171,7 @@ class FusedHFEncoderLayer(Fused):
         if asks_more(self, args, kwargs):
             return True
         p = _parts(self)
-        if not reads_mask_as_kernel(p["attn"], mask_and_rest(self, args, kwargs)[0]):
-            return True
-        dp = p["drop_path"]
-        return drops((p["attn"], p["attn_drop"]), *((d, d.p) for d in p["drops"]),
-                     *(((dp, _drop_path_p(dp)),) if dp is not None else ()))
+        return not reads_mask_as_kernel(p["attn"], mask_and_rest(self, args, kwargs)[0])
 
     def _weights(self) -> BlockWeights:
         p = _parts(self)
@@ -187,7 +195,8 @@ class FusedHFEncoderLayer(Fused):
         if custom is not None:
             raise Unfusable(f"attention implementation {custom!r} is not transformers' own")
         mask, causal, _ = mask_and_rest(self, args, kwargs)
-        out = pre_norm_block(hidden_states, self._weights(), attn_mask=kernel_mask(mask), is_causal=causal)
+        out = pre_norm_block(hidden_states, self._weights(), attn_mask=kernel_mask(mask), is_causal=causal,
+                             drops=layer_drops(p))
         return (out,) if returns_tuple(self) else out
 
 

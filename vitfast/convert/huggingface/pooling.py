@@ -8,7 +8,8 @@ import math
 
 from torch import Tensor, nn
 
-from ...modules._block import drops, linear_params, norm_params, param
+from ...modules._block import linear_params, norm_params, param
+from ...modules._drops import Drops, live
 from ...modules._fused import Fused, Unfusable
 from ...modules.attention_pool import PoolWeights, attention_pool
 from ...modules.mlp import activation_name
@@ -62,9 +63,6 @@ class FusedHFAttentionPoolingHead(Fused):
         return pooling_head_reason(self)
 
     def _vitfast_declines(self, hidden_state: Tensor, attention_mask: Tensor | None = None) -> bool:
-        attn = self._modules["attention"]
-        if drops((attn, attn.dropout)):
-            return True
         # SigLIP 2 builds the head's mask for its attention implementation, and none at all when the
         # implementation is unset (a head built outside a model); the kernel reproduces sdpa's and eager's.
         config = self.__dict__.get("config")
@@ -85,7 +83,9 @@ class FusedHFAttentionPoolingHead(Fused):
         )
 
     def _fused_forward(self, hidden_state: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return attention_pool(hidden_state, self._weights(), key_padding_mask=_padding(attention_mask, hidden_state))
+        attn = self._modules["attention"]  # its dropout on the attention probabilities is the head's only one
+        return attention_pool(hidden_state, self._weights(), key_padding_mask=_padding(attention_mask, hidden_state),
+                              drops=Drops(attn=live(attn, attn.dropout)))
 
 
 RULES = [Rule(HEADS, pooling_head_reason, FusedHFAttentionPoolingHead)]
