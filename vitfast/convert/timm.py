@@ -43,10 +43,9 @@ def site(m: nn.Module) -> float:
     return live(m, _drop_p(m))
 
 
-def _path_draw(paths: tuple[nn.Module, ...]) -> str:
-    """How timm's DropPath draws its per-sample mask: divided by keep unless ``scale_by_keep`` is off."""
-    scaled = all(m.__dict__.get("scale_by_keep", True) for m in paths)
-    return "bernoulli" if scaled else "bernoulli_unscaled"
+def _path_draw(path: nn.Module) -> str:
+    """How a timm DropPath draws its per-sample mask: divided by keep unless ``scale_by_keep`` is off."""
+    return "bernoulli" if path.__dict__.get("scale_by_keep", True) else "bernoulli_unscaled"
 
 
 def block_drops(attn: nn.Module, mlp: nn.Module, drop_path1: nn.Module, drop_path2: nn.Module) -> Drops:
@@ -56,7 +55,8 @@ def block_drops(attn: nn.Module, mlp: nn.Module, drop_path1: nn.Module, drop_pat
     a, m = attn._modules, mlp._modules
     attn_p = live(attn, _drop_p(a["attn_drop"])) if attn.fused_attn else site(a["attn_drop"])
     return Drops(attn=attn_p, proj=site(a["proj_drop"]), hidden=site(m["drop1"]), mlp=site(m["drop2"]),
-                 path1=site(drop_path1), path2=site(drop_path2), path_draw=_path_draw((drop_path1, drop_path2)))
+                 path1=site(drop_path1), path2=site(drop_path2),
+                 path_draws=(_path_draw(drop_path1), _path_draw(drop_path2)))
 
 
 def mlp_reason(mlp: nn.Module | None) -> str | None:

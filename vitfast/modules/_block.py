@@ -137,9 +137,9 @@ def pre_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=
                 (rope, rope_prefix, rope_half), drops.attn)
     # Sequence-first: the out-projection reads the attention output back in x's layout.
     x = linear(a if batch_first else a.transpose(0, 1), w.proj_weight, w.proj_bias, residual=x, scale=w.proj_scale,
-               dropout_p=drops.proj, row_scale=drop_path_scale(x, drops.path1, drops.path_draw, batch_first))
+               dropout_p=drops.proj, row_scale=drop_path_scale(x, drops.path1, drops.path_draws[0], batch_first))
     return mlp_branch(layer_norm(x, *w.norm2), w, x, drops,
-                      drop_path_scale(x, drops.path2, drops.path_draw, batch_first))
+                      drop_path_scale(x, drops.path2, drops.path_draws[1], batch_first))
 
 
 def post_norm_block(x: Tensor, w: BlockWeights, key_padding_mask=None, attn_mask=None,

@@ -36,7 +36,7 @@ class Drops:
     mlp: float = 0.0  # fc2's output, before LayerScale, stochastic depth and the residual
     path1: float = 0.0  # stochastic depth of the attention branch: the probability of dropping a sample
     path2: float = 0.0  # stochastic depth of the MLP branch
-    path_draw: str = "bernoulli"  # one of PATH_DRAWS
+    path_draws: tuple[str, str] = ("bernoulli", "bernoulli")  # how each branch's mask is drawn (PATH_DRAWS)
 
 
 NONE = Drops()

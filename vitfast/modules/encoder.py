@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ._block import BlockWeights, packed_block_weights, post_norm_block, pre_norm_block
-from ._drops import Drops, live
+from ._drops import NONE, Drops, live
 from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
 from .layer_norm import LayerNorm
@@ -95,8 +95,10 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
 
     def _vitfast_declines(self, src: Tensor, src_mask: Tensor | None = None,
                           src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> bool:
-        # PyTorch's own code: nested tensors, and its error for a causal hint without a mask.
-        return src.is_nested or (is_causal and src_mask is None)
+        # PyTorch's own code: nested tensors, its error for a causal hint without a mask, and a layer in
+        # eval with a dropout switched back to train (its fast path then drops nothing, its other path does).
+        return (src.is_nested or (is_causal and src_mask is None)
+                or (not self.training and layer_drops(self) != NONE))
 
     def _fused_forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                        is_causal: bool = False) -> Tensor:

@@ -152,7 +152,7 @@ def layer_drops(p: dict) -> Drops:
     outs, dp = p["drops"], p["drop_path"]
     path = live(dp, _drop_path_p(dp))
     return Drops(attn=live(p["attn"], p["attn_drop"]), proj=live(outs[0], outs[0].p) if outs else 0.0,
-                 mlp=live(outs[-1], outs[-1].p) if outs else 0.0, path1=path, path2=path, path_draw="floor")
+                 mlp=live(outs[-1], outs[-1].p) if outs else 0.0, path1=path, path2=path, path_draws=("floor", "floor"))
 
 
 class FusedHFEncoderLayer(Fused):
