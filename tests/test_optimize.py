@@ -186,15 +186,30 @@ def test_optimized_model_wrong_image_raises_as_the_original(family):
             fast(x)
 
 
-def test_optimized_model_trains_with_dropout_like_pytorch():
-    """train(): dropout p > 0 runs PyTorch's own layer code, so masks, loss and gradients are PyTorch's."""
+def test_optimized_model_trains_with_dropout_on_the_kernels():
+    """train(): the reference ViT's default dropout (0.1) runs inside the kernels, forward and backward;
+    the same seed gives the same gradients, and with dropout at 0 they are PyTorch's."""
     model = _randomize(reference_vit()).to(DEVICE).train()
     fast = vitfast.optimize(copy.deepcopy(model))
     x = torch.randn(2, 3, IMG, IMG, device=DEVICE)
-    torch.manual_seed(3)
-    model(x).square().mean().backward()
-    torch.manual_seed(3)
-    fast(x).square().mean().backward()
+    grads = []
+    for _ in range(2):
+        fast.zero_grad()
+        torch.manual_seed(3)
+        with runtime.count_launches() as launches:
+            fast(x).square().mean().backward()
+        assert launches.get("attention") == launches.get("attention_bwd") == len(model.encoder.layers), launches
+        grads.append([p.grad.clone() for p in fast.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    for m in (model, fast):
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.p = 0.0
+            if isinstance(d, nn.MultiheadAttention):
+                d.dropout = 0.0
+        m.zero_grad()
+        m(x).square().mean().backward()
     for (name, a), b in zip(model.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 

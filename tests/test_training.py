@@ -70,7 +70,9 @@ def test_reference_vit_gradients(dtype):
 
 
 def test_train_check_losses_agree_and_fall():
-    curves = train_check.run(device=DEVICE)
+    # The digits at their own 8×8 (4 patches), batch 16: the loss falls within 20 steps, at a fraction
+    # of the interpreter time of the command's default (16 px, 16 patches, batch 32, 40 steps).
+    curves = train_check.run(device=DEVICE, img_size=8, patch_size=4, batch=16, steps=20, lr=1e-2)
     assert curves.max_rel_diff() <= 1e-3, list(zip(curves.reference, curves.vitfast))
     assert curves.falls(), curves.reference
     for op in BACKWARD_OPS + ("patch_embed_bwd",):

@@ -235,9 +235,6 @@ RECIPES = {
     "encoder-pre-default-dropout": (_encoder(True), None, "tokens"),
     "timm-vit-deit-recipe": (_timm_vit(drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1), None, "images"),
     "timm-eva02-small": (_timm_eva(drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1), None, "images"),
-    "torchvision-vit": (_torchvision(dropout=0.1, attention_dropout=0.1), None, "images"),
-    "hf-vit": (_hf("ViTModel", "ViTConfig", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-               "last_hidden_state", "images"),
     "hf-dinov2": (_hf("Dinov2Model", "Dinov2Config", drop_path_rate=0.1, attention_probs_dropout_prob=0.1),
                   "pooler_output", "images"),
 }
@@ -281,7 +278,7 @@ def test_train_check_with_dropout_and_drop_path_stays_near_pytorch():
 
 
 def test_train_check_with_drop_path_alone_agrees_step_by_step():
-    curves = train_check.run(device=DEVICE, drop_path=0.2, img_size=8, patch_size=4, batch=16, steps=8)
+    curves = train_check.run(device=DEVICE, drop_path=0.2, img_size=8, patch_size=4, batch=16, steps=4)
     assert curves.max_rel_diff() <= 1e-3, list(zip(curves.reference, curves.vitfast))
     assert not curves.missing_kernels(), curves.kernels
 
