@@ -86,7 +86,8 @@ def optimize(model: nn.Module, inplace: bool = True) -> nn.Module:
     swapped and what was left alone, with the reason, is in ``model.vitfast_report`` (print it).
     Every call that worked on the model before works after it: a swapped module runs its original
     forward for any call its fused path cannot compute exactly (hooks on its submodules, a submodule
-    replaced after conversion, attention weights or masks asked for, dropout while training).
+    replaced after conversion, attention weights or masks asked for, the embeddings' dropout while
+    training). Dropout and stochastic depth in the blocks train on the kernels.
 
     >>> model = vitfast.reference.vit_base().cuda().eval().half()
     >>> model = vitfast.optimize(model)

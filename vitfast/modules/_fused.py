@@ -7,8 +7,8 @@ exact for this call, and otherwise runs the original class's forward on the same
 
 * a submodule the fused path bypasses carries hooks, has its ``forward`` replaced on the instance, or
   is no longer of a class vitfast knows (a LoRA wrapper, a parametrization): one warning per cause;
-* the call asks for something the fused path does not compute (dropout while training, a mask,
-  attention weights): quietly, as documented;
+* the call asks for something the fused path does not compute (a mask it cannot read, attention
+  weights, the embeddings' dropout while training): quietly, as documented;
 * ``torch.fx`` is tracing: ``symbolic_trace``'s plain tracer records the stand-in as one
   ``call_module`` (the fused path runs when the graph runs), as it records a ``torch.nn`` module;
   other tracers (feature extraction, Hugging Face's) trace the original forward, so they see the
