@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--baseline", action="store_true", help="profile the reference ViT eager too")
+    p.add_argument("--kernel-stats", action="store_true",
+                   help="after the vitfast profile, print registers, spills and shared memory per compiled kernel")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_vit.py needs a GPU")
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(a.batch, 3, 224, 224, device="cuda", dtype=dtype)
     fast = vitfast.optimize(copy.deepcopy(model))
     _profile(fast, x, f"vitfast {a.model} batch {a.batch} {a.dtype}", a.rows)
+    if a.kernel_stats:
+        from kernel_stats import print_kernel_stats  # beside this script
+
+        print_kernel_stats()
     if a.baseline:
         _profile(model, x, f"reference eager {a.model} batch {a.batch} {a.dtype}", a.rows)
 
