@@ -17,9 +17,15 @@
 # torch.compile runs in mode "default" (VITFAST_COMPILE_MODE to change it): max-autotune over three
 # models does not fit the budget.
 #
-# OUT_DIR receives at most six files (the device tool returns eight): suite.log (every step's
-# output, then a summary of exit codes), kernels.json, kernels-rope-glu.json, and the bench's
-# <gpu>-<date>.json/.csv/.png.
+# VITFAST_SUITE_STEPS="gpu-tests check tests" (say) runs only the steps named, besides the setup
+# (gpu-info, versions, install, wheels): one session's GPU time does not fit the whole test suite and
+# the bench together (2026-11-27, H100: about a fifth of the tests ran in 110 s on 12 workers).
+# The tests step takes whatever the budget leaves it. Each failing test's report goes to
+# OUT_DIR/failures.log the moment it fails, so a step cut short still names its failures.
+#
+# OUT_DIR receives at most seven files (the device tool returns eight): suite.log (every step's
+# output, then a summary of exit codes), failures.log, kernels.json, kernels-rope-glu.json, and the
+# bench's <gpu>-<date>.json/.csv/.png.
 # A failing step does not stop the suite; the exit status is non-zero when any step failed.
 set -uo pipefail
 
@@ -33,6 +39,15 @@ bench_reserve=195
 compile_mode="${VITFAST_COMPILE_MODE:-default}"
 py="${PYTHON:-$(command -v python || command -v python3)}"
 unset TRITON_INTERPRET  # compiled kernels on the GPU; the interpreter is for CPU machines only
+# One Triton cache for every step: torch.compile (the bench's timm-compile row) points TRITON_CACHE_DIR
+# at its own folder when it is unset, and the vitfast rows after it then missed what warm_cache.py
+# had compiled (first call 48-58 s on 2026-11-27).
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${HOME:-/root}/.triton/cache}"
+export VITFAST_FAILURE_LOG="$out/failures.log"  # read by tests/conftest.py
+: >"$VITFAST_FAILURE_LOG"
+selected="${VITFAST_SUITE_STEPS:-all}"
+chosen() { [[ $selected == all || " $selected " == *" $1 "* || $1 =~ ^(gpu-info|versions|install|wheels)$ ]]; }
+chosen bench || bench_reserve=0
 start=$SECONDS
 names=()
 codes=()
@@ -43,6 +58,11 @@ say() { echo "$*" | tee -a "$log"; }
 step() {
     local name=$1 limit=$2
     shift 2
+    if ! chosen "$name"; then
+        names+=("$name")
+        codes+=("-")
+        return
+    fi
     local left=$((budget - (SECONDS - start)))
     [[ $name == bench ]] || left=$((left - bench_reserve))
     ((limit > left)) && limit=$left
@@ -85,11 +105,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 # VITFAST_AUTOTUNE=0: one config per kernel and shape (kernels/_tuning.py), else autotuning dozens of
-# test shapes eats the budget. --maxfail rather than -x: one GPU run should show every failure it can.
+# test shapes eats the budget. No -x: one GPU run should show every failure it can.
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n "${VITFAST_TEST_WORKERS:-12}")
-step gpu-tests 40 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m gpu "${workers[@]}" --maxfail=30 tests
-step check 30 env VITFAST_AUTOTUNE=0 "$py" -m vitfast check
+step gpu-tests 90 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m gpu "${workers[@]}" tests
+step check 60 env VITFAST_AUTOTUNE=0 "$py" -m vitfast check
 
 sanitizer="$(command -v compute-sanitizer || true)"
 for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
@@ -114,7 +134,7 @@ step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256 --
 step profile 45 "$py" benchmarks/profile_vit.py --batch 64 --baseline --rows 15 --kernel-stats
 
 # The rest of the test suite: the longest step, so it goes where a timeout costs least.
-step tests 110 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=30 tests
+step tests 600 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=150 tests
 
 # pytest exits 5 when it collects nothing; that is no failure of the suite (a -k selection may empty it).
 # The benchmarks of the rotary attention, short-query attention and gated GEMM (issue 16) run in a step
@@ -133,11 +153,11 @@ left=$((budget - (SECONDS - start)))
 step bench "$left" "$py" -m vitfast bench --model vit_base vit_small vit_large --batch 1 32 256 \
     --compile-mode "$compile_mode" --budget $((left > 90 ? left - 60 : 30)) --out "$out"
 
-say "== summary after $((SECONDS - start)) s (step: exit code)"
+say "== summary after $((SECONDS - start)) s (step: exit code; - not selected by VITFAST_SUITE_STEPS)"
 failed=0
 for i in "${!names[@]}"; do
     say "$(printf '  %-18s %s' "${names[$i]}" "${codes[$i]}")"
-    ((codes[i] == 0)) || failed=1
+    [[ ${codes[i]} == 0 || ${codes[i]} == - ]] || failed=1
 done
 say "== files in $out:"
 ls -l "$out" | tee -a "$log"

@@ -1,10 +1,15 @@
-"""Registers, spills and shared memory of the Triton kernels this process has compiled and run.
+"""Registers, spills and shared memory of the Triton kernels a process ran, for benchmarks/NOTES.md.
 
-``print_kernel_stats()`` walks the jit functions of ``vitfast.kernels``, and for each one prints every
-compiled variant that ran: for an autotuned kernel only the configs its autotuner picked, with the
-autotune key they were picked for. Read off Triton's compiled-kernel metadata (``n_regs`` and
-``n_spills`` come from loading the binary on the GPU), so it needs a GPU and a model that has run.
-``profile_vit.py --kernel-stats`` calls it after the vitfast profile, for benchmarks/NOTES.md.
+    record_picks()        # before the first forward: remember what each autotuned launch ran
+    ...                   # run the model
+    print_kernel_stats()  # one row per launched variant
+
+For an autotuned kernel the rows are the configs its autotuner picked, one per autotune key and
+constexpr combination (a GEMM's activation and epilogue are constexprs, not part of the key); for the
+other jit functions of ``vitfast.kernels``, every variant that was loaded. Read off Triton's
+compiled-kernel metadata (``n_regs``, and ``n_spills`` in 4-byte words, shown here as bytes; both
+exist once the binary is loaded on the GPU), so it needs a GPU. ``profile_vit.py --kernel-stats``
+calls both.
 """
 from __future__ import annotations
 
@@ -12,21 +17,42 @@ import importlib
 
 MODULES = ("attention", "linear", "gated_linear", "layer_norm", "patch_embed", "_rope", "_random")
 
+# (jit function name, constexpr kwargs of the launch, autotune key) -> the config the launch ran
+_picks: dict[tuple[str, tuple, tuple], object] = {}
 
-def _unwrap(obj):
-    """(jit function, {autotune key: picked config}) of a jit/autotuned/heuristics object, else None."""
+
+def record_picks() -> None:
+    """Wrap ``Autotuner.run`` so that every autotuned launch of this process records its config."""
+    from triton.runtime.autotuner import Autotuner
+
+    if getattr(Autotuner.run, "_vitfast_records", False):
+        return
+    original = Autotuner.run
+
+    def run(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        key = tuple(named.get(k) for k in self.keys)
+        consts = tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper() and isinstance(v, (bool, int, str))))
+        _picks[(self.base_fn.__name__, consts, key)] = self.best_config
+        return out
+
+    run._vitfast_records = True
+    Autotuner.run = run
+
+
+def _jit_functions() -> dict[str, object]:
     from triton.runtime.jit import JITFunction
 
-    picked = {}
-    for _ in range(4):
-        if isinstance(obj, JITFunction):
-            return obj, picked
-        if hasattr(obj, "cache") and hasattr(obj, "configs"):  # triton.autotune
-            picked.update(obj.cache)
-        if not hasattr(obj, "fn"):
-            return None
-        obj = obj.fn
-    return None
+    found = {}
+    for name in MODULES:
+        for obj in vars(importlib.import_module(f"vitfast.kernels.{name}")).values():
+            for _ in range(4):  # autotune / heuristics wrappers hold the jit function in .fn
+                if isinstance(obj, JITFunction):
+                    found[obj.__name__] = obj
+                    break
+                obj = getattr(obj, "fn", None)
+    return found
 
 
 def _constants(kernel, fn) -> dict:
@@ -38,43 +64,34 @@ def _constants(kernel, fn) -> dict:
     return out
 
 
-def _matches(kernel, consts: dict, config) -> bool:
+def _loaded(fn):
+    """(kernel, its constexprs) for every variant of ``fn`` that was loaded on a GPU."""
+    for device_cache in getattr(fn, "device_caches", {}).values():
+        for kernel in list(device_cache[0].values()):
+            if getattr(kernel, "n_regs", None) is not None:
+                yield kernel, _constants(kernel, fn)
+
+
+def _row(name: str, kernel, consts: dict, tail: str = "") -> str:
     md = kernel.metadata
-    return (all(consts.get(k) == v for k, v in config.kwargs.items())
-            and md.num_warps == config.num_warps and md.num_stages == config.num_stages)
+    shown = {k: v for k, v in consts.items() if k.isupper()}
+    return (f"{name[:30]:30} {md.num_warps:>5} {md.num_stages:>6} {kernel.n_regs:>5} {4 * kernel.n_spills:>7} "
+            f"{md.shared / 1024:>8.1f}  {shown}{tail}")
 
 
 def print_kernel_stats() -> None:
-    seen = set()
-    print("\n== compiled Triton kernels that ran (autotuned ones: the picked configs only)")
-    print(f"{'kernel':34} {'warps':>5} {'stages':>6} {'regs':>5} {'spills':>6} {'smem KiB':>8}  "
-          "constexprs / autotune key")
-    for name in MODULES:
-        module = importlib.import_module(f"vitfast.kernels.{name}")
-        for obj in list(vars(module).values()):
-            found = _unwrap(obj)
-            if found is None or id(found[0]) in seen:
-                continue
-            fn, picked = found
-            seen.add(id(fn))
-            for device_cache in getattr(fn, "device_caches", {}).values():
-                for kernel in list(device_cache[0].values()):
-                    try:
-                        _print_one(fn, kernel, picked)
-                    except Exception as e:  # noqa: BLE001 - one odd entry must not hide the others
-                        print(f"{fn.__name__}: {type(e).__name__}: {e}")
-
-
-def _print_one(fn, kernel, picked: dict) -> None:
-    regs = getattr(kernel, "n_regs", None)
-    if regs is None:  # never loaded on the GPU: compiled for a benchmark run only, or not run at all
-        return
-    consts = _constants(kernel, fn)
-    keys = [k for k, cfg in picked.items() if _matches(kernel, consts, cfg)]
-    if picked and not keys:
-        return  # an autotune candidate that lost
-    md = kernel.metadata
-    shown = {k: v for k, v in consts.items() if k.isupper()}
-    tail = f"  picked for {keys}" if keys else ""
-    print(f"{fn.__name__[:34]:34} {md.num_warps:>5} {md.num_stages:>6} {regs:>5} {kernel.n_spills:>6} "
-          f"{md.shared / 1024:>8.1f}  {shown}{tail}")
+    fns = _jit_functions()
+    autotuned = {name for name, _, _ in _picks}
+    print("\n== Triton kernels that ran: autotuned ones as picked per key and constexprs, the others as loaded")
+    print(f"{'kernel':30} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} {'smem KiB':>8}  constexprs")
+    for (name, consts, key), config in sorted(_picks.items(), key=lambda item: str(item[0])):
+        want = {**dict(consts), **config.kwargs}
+        hits = [(k, c) for k, c in _loaded(fns.get(name)) if all(c.get(a) == v for a, v in want.items())
+                and k.metadata.num_warps == config.num_warps and k.metadata.num_stages == config.num_stages]
+        for kernel, c in hits[:1]:
+            print(_row(name, kernel, c, f"  key {key}"))
+        if not hits:
+            print(f"{name[:30]:30} picked {config} for key {key}: no loaded variant matches")
+    for name in sorted(set(fns) - autotuned):
+        for kernel, c in _loaded(fns[name]):
+            print(_row(name, kernel, c))

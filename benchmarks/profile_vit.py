@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     model = getattr(reference, a.model)().cuda().eval().to(dtype)
     x = torch.randn(a.batch, 3, 224, 224, device="cuda", dtype=dtype)
     fast = vitfast.optimize(copy.deepcopy(model))
+    if a.kernel_stats:
+        import kernel_stats  # beside this script
+
+        kernel_stats.record_picks()
     _profile(fast, x, f"vitfast {a.model} batch {a.batch} {a.dtype}", a.rows)
     if a.kernel_stats:
-        from kernel_stats import print_kernel_stats  # beside this script
-
-        print_kernel_stats()
+        kernel_stats.print_kernel_stats()
     if a.baseline:
         _profile(model, x, f"reference eager {a.model} batch {a.batch} {a.dtype}", a.rows)
 

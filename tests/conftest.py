@@ -1,4 +1,7 @@
-"""Fixtures every vitfast test uses: one seed per test and poisoned (NaN) kernel outputs."""
+"""Fixtures every vitfast test uses: one seed per test and poisoned (NaN) kernel outputs; failures
+written out as they happen when ``VITFAST_FAILURE_LOG`` names a file."""
+import os
+
 import pytest
 import torch
 
@@ -10,3 +13,15 @@ def _seed_and_poison():
     torch.manual_seed(0)
     with runtime.poison_outputs():
         yield
+
+
+def pytest_runtest_logreport(report):
+    """Append each failure's node id and the end of its traceback to ``VITFAST_FAILURE_LOG`` at once
+    (gpu_suite.sh sets it): a GPU run cut short by its time limit still names what failed, and why.
+    xdist workers leave it to the controller, which receives every worker's reports."""
+    path = os.environ.get("VITFAST_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    tail = "\n".join(report.longreprtext.splitlines()[-25:])
+    with open(path, "a") as f:
+        f.write(f"FAILED {report.nodeid} ({report.when})\n{tail}\n\n")
