@@ -107,7 +107,7 @@ fi
 # VITFAST_AUTOTUNE=0: one config per kernel and shape (kernels/_tuning.py), else autotuning dozens of
 # test shapes eats the budget. No -x: one GPU run should show every failure it can.
 workers=()
-"$py" -c "import xdist" 2>/dev/null && workers=(-n "${VITFAST_TEST_WORKERS:-12}")
+"$py" -c "import xdist" 2>/dev/null && workers=(-n "${VITFAST_TEST_WORKERS:-15}")
 step gpu-tests 90 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m gpu "${workers[@]}" tests
 step check 60 env VITFAST_AUTOTUNE=0 "$py" -m vitfast check
 
