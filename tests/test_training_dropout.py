@@ -81,8 +81,9 @@ def _train_three_way(build, read, kind, dtype, seed=0, patch_ref=None):
     under the same seed; asserts the three-way bound on the output and every gradient, and returns the
     launches of the optimized step. ``patch_ref``: a context manager around the float64 run."""
     require_triton_path()
-    torch.manual_seed(1)
-    model = randomize(build()).to(DEVICE).train()
+    model = build()
+    torch.manual_seed(1)  # after the build: the weights do not depend on how many numbers its __init__ drew
+    model = randomize(model).to(DEVICE).train()
     x = _inputs(kind, torch.float32)
     with torch.no_grad():
         upstream = torch.randn_like(output(copy.deepcopy(model).eval(), read, x).float())
@@ -154,8 +155,12 @@ SITES = {
     "torchvision-dropout": _with(_torchvision(), ("encoder_layer_0.dropout", 1.0), ("encoder_layer_1.mlp.4", 1.0)),
     "torchvision-mlp-hidden": _with(_torchvision(), ("encoder_layer_0.mlp.2", 1.0)),
     "hf-vit-attention-probs": _hf("ViTModel", "ViTConfig", attention_probs_dropout_prob=1.0),
+    # transformers 5.17 drops DINOv2's attention branch (after its output projection) by
+    # hidden_dropout_prob, not its MLP branch; 5.24 has no dropout in the layer.
+    "hf-dinov2-hidden-dropout": _with(_hf("Dinov2Model", "Dinov2Config", hidden_dropout_prob=1.0, layerscale_value=0.5),
+                                      ("embeddings.dropout", 0.0)),
 }
-_SITE_READS = {"hf-vit-attention-probs": "last_hidden_state"}
+_SITE_READS = {"hf-vit-attention-probs": "last_hidden_state", "hf-dinov2-hidden-dropout": "last_hidden_state"}
 
 
 @pytest.mark.parametrize("name", list(SITES))

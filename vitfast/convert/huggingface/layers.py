@@ -1,8 +1,9 @@
 """Hugging Face encoder layers (pre-norm; q, k and v projected apart) as one fused block: ViT, DeiT,
 CLIP, SigLIP (and SigLIP 2), DINOv2 (with and without registers). Each is matched by its exact class
 and read through a ``Layout`` naming where its forward finds each part; transformers 4's ``ViTLayer``
-(self-attention and output modules nested a level deeper) is read as well. DINOv2's SwiGLU MLP runs
-its gate product in fc1's epilogue."""
+(self-attention and output modules nested a level deeper) is read as well, and so is DINOv2's layer
+as transformers kept it nested until 5.17 at least (``_nested_dinov2_parts``). DINOv2's SwiGLU MLP
+runs its gate product in fc1's epilogue."""
 from __future__ import annotations
 
 import math
@@ -100,7 +101,8 @@ def _v4_vit_parts(layer: nn.Module) -> dict | None:
     a = m.get("attention")
     if not is_exactly(a, (_VIT, "ViTAttention")):
         return None
-    s, out, inter, output = a._modules.get("attention"), a._modules.get("output"), m.get("intermediate"), m.get("output")
+    s, out = a._modules.get("attention"), a._modules.get("output")
+    inter, output = m.get("intermediate"), m.get("output")
     if not (is_exactly(s, *_V4_SELF_ATTENTION) and is_exactly(out, (_VIT, "ViTSelfOutput"))
             and is_exactly(inter, (_VIT, "ViTIntermediate")) and is_exactly(output, (_VIT, "ViTOutput"))):
         return None
@@ -111,12 +113,52 @@ def _v4_vit_parts(layer: nn.Module) -> dict | None:
                 scales=[], drop_path=None)
 
 
+def _nested_dinov2_parts(layer: nn.Module, layout: Layout) -> dict | None:
+    """DINOv2's layer as transformers 5.17 builds it (4's eager classes use the same names; checked on
+    5.17 only): ``attention.attention`` projects q, k and v (``query``, ``key``, ``value``),
+    ``attention.output`` is ``dense`` then a dropout on the attention branch only; the MLP is ``fc1``,
+    ``activation``, ``fc2``, or SwiGLU packed in ``weights_in`` (gate rows, then up rows: ``silu(x1) * x2``
+    of its two chunks) and ``weights_out``."""
+    m = layer._modules
+    a, mlp = m.get(layout.attention), m.get("mlp")
+    if not is_exactly(a, layout.part("Attention")):
+        return None
+    s, out = a._modules.get("attention"), a._modules.get("output")
+    gated = is_exactly(mlp, layout.part("SwiGLUFFN"))
+    if not (is_exactly(s, layout.part("SelfAttention")) and is_exactly(out, layout.part("SelfOutput"))
+            and (gated or is_exactly(mlp, layout.part("MLP")))):
+        return None
+    scales, drop_path = [m.get(n) for n in layout.layer_scales], m.get(layout.drop_path)
+    if not (all(is_exactly(x, layout.part("LayerScale")) for x in scales)
+            and is_exactly(drop_path, _IDENTITY, layout.part("DropPath"))):
+        return None
+    sm, mm, head_dim = s._modules, mlp._modules, _field(s, "attention_head_size")
+    drop = out._modules.get("dropout")
+    scale = _field(s, "scaling")  # transformers 4: none, its forward divides by sqrt(head size)
+    if scale is None and isinstance(head_dim, int):
+        scale = head_dim ** -0.5
+    attn_drop = _field(s, "dropout_prob")  # transformers 4: an nn.Dropout named dropout
+    if attn_drop is None:
+        attn_drop = getattr(sm.get("dropout"), "p", 0.0)
+    if gated:  # the activation is F.silu in the forward
+        fc1, fc2, act = mm.get("weights_in"), mm.get("weights_out"), "silu"
+    else:
+        fc1, fc2, act = mm.get("fc1"), mm.get("fc2"), getattr(mlp, "activation", None)
+    return dict(q=sm.get("query"), k=sm.get("key"), v=sm.get("value"), o=out._modules.get("dense"), fc1=fc1,
+                fc2=fc2, act=act, packed_glu=gated, heads=_field(s, "num_attention_heads"), head_dim=head_dim,
+                scale=scale, attn=s, attn_drop=attn_drop, norms=tuple(m.get(n) for n in layout.norms), drops=(drop,),
+                branch_drops=(drop, None), scales=scales, drop_path=drop_path)
+
+
 def _parts(layer: nn.Module) -> dict | None:
     """The modules and settings a layer's forward reads, when each is the exact class transformers puts there."""
     layout = LAYOUTS[location(original_class(layer))]
     a = layer._modules.get(layout.attention)
-    if layout is _HF_VIT and a is not None and "q_proj" not in a._modules:
-        return _v4_vit_parts(layer)
+    if a is not None and "q_proj" not in a._modules:  # the projections a level deeper
+        if layout is _HF_VIT:
+            return _v4_vit_parts(layer)
+        if layout.layer_scales:
+            return _nested_dinov2_parts(layer, layout)
     return _v5_parts(layer, layout)
 
 
@@ -129,6 +171,8 @@ def layer_reason(layer: nn.Module) -> str | None:
         return "a projection is not an nn.Linear"
     if not all(is_exactly(d, _DROPOUT) for d in parts["drops"]):
         return "a dropout is not nn.Dropout"
+    if parts.get("packed_glu") and parts["fc1"].out_features % 2:
+        return "the SwiGLU's weights_in does not split into gate and up halves"
     if not all(is_layer_norm(n) for n in parts["norms"]):
         return "the norms are not nn.LayerNorm over the last dimension"
     if activation_name(parts["act"]) is None:
@@ -148,11 +192,13 @@ def layer_drops(p: dict) -> Drops:
     """Dropout and stochastic depth of a layer's parts (``_parts``) in effect now: attention dropout by
     the attention module's training flag (transformers passes ``dropout=0.0 if not self.training``),
     the layer's output dropouts (ViT and DeiT: one module on both branches in transformers 5, one
-    per branch in 4), DINOv2's drop path (one module on both branches, drawn as ``floor(keep + rand)``)."""
+    per branch in 4; DINOv2 nested: one on the attention branch), DINOv2's drop path (one module on both
+    branches, drawn as ``floor(keep + rand)``)."""
     outs, dp = p["drops"], p["drop_path"]
+    proj, mlp = p.get("branch_drops") or ((outs[0], outs[-1]) if outs else (None, None))
     path = live(dp, _drop_path_p(dp))
-    return Drops(attn=live(p["attn"], p["attn_drop"]), proj=live(outs[0], outs[0].p) if outs else 0.0,
-                 mlp=live(outs[-1], outs[-1].p) if outs else 0.0, path1=path, path2=path, path_draws=("floor", "floor"))
+    return Drops(attn=live(p["attn"], p["attn_drop"]), proj=0.0 if proj is None else live(proj, proj.p),
+                 mlp=0.0 if mlp is None else live(mlp, mlp.p), path1=path, path2=path, path_draws=("floor", "floor"))
 
 
 class FusedHFEncoderLayer(Fused):
@@ -179,6 +225,9 @@ class FusedHFEncoderLayer(Fused):
         (o_w, o_b), (fc2_w, fc2_b) = (linear_params(p[n]) for n in ("o", "fc2"))
         if isinstance(p["fc1"], tuple):  # gate, up: a gated MLP
             fc1_w, fc1_b = zip(*(linear_params(m) for m in p["fc1"]))
+        elif p.get("packed_glu"):  # gate rows, then up rows
+            w, b = linear_params(p["fc1"])
+            fc1_w, fc1_b = w.chunk(2), (None, None) if b is None else b.chunk(2)
         else:
             fc1_w, fc1_b = linear_params(p["fc1"])
         scales = [s._parameters["lambda1"] for s in p["scales"]] or [None, None]
