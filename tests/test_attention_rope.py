@@ -4,6 +4,7 @@ The reference is timm's EvaAttention path: ``apply_rot_embed_cat`` on the tokens
 then ``F.scaled_dot_product_attention``; vitfast rotates q and k as its kernels load them, forward
 and backward, through both entries (packed ``attention`` and ``attention_qkv``).
 """
+import inspect
 import math
 
 import pytest
@@ -32,13 +33,24 @@ def _timm_attention(q, k, v, table, prefix, half, dtype, **sdpa_kwargs):
     return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
 
 
+def _cat_table(d, shape, half):
+    """timm's RotaryEmbeddingCat(d) table for a ``shape`` grid ([N, 2d], sin | cos) in the column layout
+    ``half`` rotates: interleaved [f0, f0, f1, f1, ...] or half [f0, f1, ..., f0, f1, ...]. timm builds the
+    half layout itself where RotaryEmbeddingCat takes ``rotate_half`` (1.0.31); where it does not (1.0.29,
+    whose EVA hands its interleaved table to the half rotation), the half layout is the interleaved
+    table's even columns twice, equal to what timm 1.0.31 builds."""
+    if "rotate_half" in inspect.signature(RotaryEmbeddingCat).parameters:
+        return RotaryEmbeddingCat(d, in_pixels=False, rotate_half=half).get_embed(shape=shape)
+    table = RotaryEmbeddingCat(d, in_pixels=False).get_embed(shape=shape)
+    return torch.cat([torch.cat([t[..., 0::2]] * 2, -1) for t in table.chunk(2, -1)], -1) if half else table
+
+
 def _table(kind, B, H, rotated, d, half):
     """A [sin | cos] table for ``rotated`` tokens: timm's RotaryEmbeddingCat ([N, 2d]),
     RotaryEmbeddingMixed's per-head one ([H, N, 2d], detached), or one with an independent random
     angle per (token, column) laid out [B, 1, N, 2d], which no pairing symmetry can hide an error in."""
     if kind == "cat":
-        rope = RotaryEmbeddingCat(d, in_pixels=False, rotate_half=half)
-        return rope.get_embed(shape=[1, rotated]).to(DEVICE)
+        return _cat_table(d, [1, rotated], half).to(DEVICE)
     if kind == "heads":
         return RotaryEmbeddingMixed(H * d, depth=1, num_heads=H).get_embed(shape=[1, rotated])[0].detach().to(DEVICE)
     if kind == "random":
@@ -256,7 +268,7 @@ def test_rope_bad_input(call, exc, words):
 def test_gpu_bf16_eva02_shape(half):
     """EVA02-B: 12 heads of 64, 256 patch tokens rotated after CLS, fp32 table, bf16 activations."""
     B, H, prefix, rotated, d = 32, 12, 1, 256, 64
-    rope = RotaryEmbeddingCat(d, in_pixels=False, rotate_half=half).get_embed(shape=[16, 16]).to(DEVICE)
+    rope = _cat_table(d, [16, 16], half).to(DEVICE)
     qkv = torch.randn(B, prefix + rotated, 3 * H * d, device=DEVICE)
     _check_grads(lambda x, _: attention(x, H, rope=rope, rope_prefix=prefix, rope_half=half),
                  lambda x, dt: _timm_attention(*_split(x, H), rope, prefix, half, dt).transpose(1, 2).flatten(2),
