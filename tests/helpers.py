@@ -84,3 +84,12 @@ HOOKS = {
     "forward_with_kwargs": lambda m, calls: m.register_forward_hook(
         lambda mod, args, kwargs, out: calls.append(1) or out * 0, with_kwargs=True),
 }
+
+
+def math_attention():
+    """PyTorch's attention references through its math backend: on CUDA the memory-efficient kernel
+    (fp32 with dropout) scales kept probabilities by 1/(1-p), which at p = 1 makes inf · 0 = NaN where
+    the math backend, like the CPU, gives zeros."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)

@@ -9,7 +9,7 @@ from torch import nn
 
 import vitfast
 from vitfast import runtime
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, math_attention, require_triton_path
 from test_optimize import _randomize
 
 B, N, WIDTH, HEADS = 3, 17, 64, 2  # head size 32
@@ -150,7 +150,8 @@ def test_mha_dropout_while_training_drops_in_the_kernel_and_without_dropout_trai
     mha = _mha(dropout=1.0).train()  # p = 1: every probability drops, in PyTorch and in the kernel
     fast = vitfast.optimize(copy.deepcopy(mha))
     x = _tokens(True)
-    pt, _ = mha(x, x, x, need_weights=False)
+    with math_attention():  # CUDA's memory-efficient attention gives NaN at p = 1
+        pt, _ = mha(x, x, x, need_weights=False)
     with runtime.count_launches() as launches:
         out, _ = fast(x, x, x, need_weights=False)
     assert launches.get("attention") == 1, launches

@@ -18,7 +18,7 @@ from torch import nn
 
 import vitfast
 from vitfast import runtime, train_check
-from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, require_triton_path
+from helpers import DEVICE, DTYPE_IDS, DTYPES, assert_parity, math_attention, require_triton_path
 from test_optimize_models import CLASSES, DEPTH, HEADS, IMG, PATCH, WIDTH, _hf, output, randomize
 
 # Launches of one training step (forward + backward) of each block, whatever its MLP.
@@ -167,7 +167,8 @@ _SITE_READS = {"hf-vit-attention-probs": "last_hidden_state", "hf-dinov2-hidden-
 def test_each_dropout_site_is_wired_to_its_module(name):
     build = SITES[name]
     kind = "tokens" if name.startswith("encoder") else "images"
-    launches, _, _ = _train_three_way(build, _SITE_READS.get(name), kind, torch.float32)
+    with math_attention():  # p = 1 sites: CUDA's memory-efficient attention gives NaN there
+        launches, _, _ = _train_three_way(build, _SITE_READS.get(name), kind, torch.float32)
     for op in BLOCK_OPS:
         assert launches.get(op) == DEPTH, launches
 
