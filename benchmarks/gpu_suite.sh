@@ -41,13 +41,17 @@ py="${PYTHON:-$(command -v python || command -v python3)}"
 unset TRITON_INTERPRET  # compiled kernels on the GPU; the interpreter is for CPU machines only
 # One Triton cache for every step: torch.compile (the bench's timm-compile row) points TRITON_CACHE_DIR
 # at its own folder when it is unset, and the vitfast rows after it then missed what warm_cache.py
-# had compiled (first call 48-58 s on 2026-11-27).
+# had compiled (first calls of 35-58 s on 2026-11-27).
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${HOME:-/root}/.triton/cache}"
 export VITFAST_FAILURE_LOG="$out/failures.log"  # read by tests/conftest.py
 : >"$VITFAST_FAILURE_LOG"
 selected="${VITFAST_SUITE_STEPS:-all}"
 chosen() { [[ $selected == all || " $selected " == *" $1 "* || $1 =~ ^(gpu-info|versions|install|wheels)$ ]]; }
 chosen bench || bench_reserve=0
+steps="gpu-tests check memcheck warm profile kernel-benchmarks kernel-benchmarks-rope-glu tests bench"
+for s in $selected; do  # a misspelt name would otherwise run nothing and pass
+    [[ $s == all || " $steps " == *" $s "* ]] || { echo "VITFAST_SUITE_STEPS: no step '$s' (steps: $steps)"; exit 2; }
+done
 start=$SECONDS
 names=()
 codes=()
@@ -97,7 +101,8 @@ if ! "$py" -c "import vitfast.kernels" >>"$log" 2>&1; then
 fi
 
 # Packages the image lacks (open_clip, for its tests) travel as wheels in .whl/ (the device tool's
-# README says how to fetch them), installed beside the image's packages, never over them.
+# README says how to fetch them), installed into a folder of their own; being on PYTHONPATH, they win
+# over the image's copy of the same package, so carry only what the image lacks.
 if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 60 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/vitfast-wheels .whl/*.whl
@@ -119,7 +124,7 @@ if [[ -n $sanitizer ]]; then
     # Without PyTorch's caching allocator an out-of-bounds access cannot hide inside a pooled block.
     step memcheck 40 env VITFAST_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
         "$py" benchmarks/memcheck_forward.py
-else
+elif chosen memcheck; then
     say "== memcheck: skipped, compute-sanitizer is neither on PATH nor in /usr/local/cuda*/bin"
     names+=("memcheck (skipped)")
     codes+=(0)
@@ -133,9 +138,6 @@ step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256 --
 # shared memory of each config the autotuner picked (for benchmarks/NOTES.md).
 step profile 45 "$py" benchmarks/profile_vit.py --batch 64 --baseline --rows 15 --kernel-stats
 
-# The rest of the test suite: the longest step, so it goes where a timeout costs least.
-step tests 600 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=150 tests
-
 # pytest exits 5 when it collects nothing; that is no failure of the suite (a -k selection may empty it).
 # The benchmarks of the rotary attention, short-query attention and gated GEMM (issue 16) run in a step
 # of their own: pytest-benchmark writes its JSON only at the end, so a step cut short by its timeout
@@ -148,6 +150,9 @@ step kernel-benchmarks 90 bash -c '"$1" -m pytest benchmarks/ -q --benchmark-jso
 step kernel-benchmarks-rope-glu 60 "$py" -m pytest -q --benchmark-json="$out/kernels-rope-glu.json" \
     --benchmark-max-time=0.25 "${new_kernels[@]}"
 
+# The rest of the test suite, last before the bench: it takes whatever the budget leaves (the whole
+# suite needs more than one session's GPU time alongside the other steps; select it on its own).
+step tests 600 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=150 tests
 
 left=$((budget - (SECONDS - start)))
 step bench "$left" "$py" -m vitfast bench --model vit_base vit_small vit_large --batch 1 32 256 \
