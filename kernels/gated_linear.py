@@ -38,7 +38,7 @@ def _hopper_configs() -> list[triton.Config]:
     """Tile shapes for two accumulators: each BLOCK_M × BLOCK_N tile costs the registers and the
     weight-tile shared memory of a BLOCK_M × 2·BLOCK_N plain GEMM tile."""
     return tile_configs([  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        # First, as VITFAST_AUTOTUNE=0 runs only the first entry (unpruned): it fits fp32 operands too.
+        # First: VITFAST_AUTOTUNE=0 runs the first entry the pruner keeps, and this one fits fp32 too.
         (128, 128, 32, 4, 8),
         (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (256, 64, 64, 3, 8), (64, 256, 64, 3, 8),
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 5, 4), (64, 64, 64, 5, 4), (64, 64, 32, 5, 4),
@@ -46,12 +46,12 @@ def _hopper_configs() -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return prune_tiles(configs, named_args["M"], named_args["H"], named_args["K"], named_args["X"].element_size(),
-                       weight_tiles=2)
+    return _tuning.pruned(prune_tiles(configs, named_args["M"], named_args["H"], named_args["K"],
+                                      named_args["X"].element_size(), weight_tiles=2))
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _tuning.configs(_hopper_configs()),
+    configs=_interpreter_configs() if _interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
     key=["M_BUCKET", "H", "K", "stride_wgk", "stride_wvk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},
 )

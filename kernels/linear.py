@@ -88,7 +88,8 @@ def prune_tiles(configs: list[triton.Config], M: int, N: int, K: int, elem: int,
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return prune_tiles(configs, named_args["M"], named_args["N"], named_args["K"], named_args["X"].element_size())
+    return _tuning.pruned(prune_tiles(configs, named_args["M"], named_args["N"], named_args["K"],
+                                      named_args["X"].element_size()))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -197,7 +198,7 @@ def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _tuning.configs(_hopper_configs()),
+    configs=_interpreter_configs() if _interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
     # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
     key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},

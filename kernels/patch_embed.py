@@ -216,19 +216,19 @@ def _pruner(cols: str, reduction: str, operand: str):
                 and cfg.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(k))
                 and (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * elem
                 * cfg.num_stages <= _SMEM_BYTES]
-        return kept or configs[:1]
+        return _tuning.pruned(kept or configs[:1])  # VITFAST_AUTOTUNE=0: the first that fits
     return prune
 
 
 _patch_embed_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs()), key=["D", "K"], prune_configs_by={"early_config_prune": _pruner("D", "K", "X")},
+    configs=_hopper_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _pruner("D", "K", "X")},
 )(_patch_embed_kernel)
 _dweight_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs()), key=["D", "K"],
+    configs=_hopper_configs(), key=["D", "K"],
     prune_configs_by={"early_config_prune": _pruner("K", "TOKENS_PER_SPLIT", "X")},
 )(_patch_embed_dweight_kernel)
 _dimages_autotuned = triton.autotune(
-    configs=_tuning.configs(_hopper_configs()), key=["K", "D"], prune_configs_by={"early_config_prune": _pruner("K", "D", "W")},
+    configs=_hopper_configs(), key=["K", "D"], prune_configs_by={"early_config_prune": _pruner("K", "D", "W")},
 )(_patch_embed_dimages_kernel)
 
 # One fixed tile under the interpreter (CPU tensors): fast, deterministic tests.
