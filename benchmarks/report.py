@@ -2,7 +2,8 @@
 
 The table is generated, never typed: this script reads every ``<gpu>-<date>.json`` that
 ``python -m vitfast bench`` wrote on a GPU (CPU smoke runs are ignored), keeps the newest per GPU,
-and renders one Markdown table per GPU and model.
+and renders one Markdown table per GPU and model, and a second one for the model's training-step
+rows (``--train``, ``--train-batch``) where the run has them: the two are never mixed.
 
     python benchmarks/report.py --print                 # show the section
     python benchmarks/report.py --readme README.md      # rewrite it between the bench markers
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from vitfast.bench import format_table
+from vitfast.bench import MODE_INFERENCE, MODE_TRAIN, format_table, row_mode
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,11 +53,27 @@ def render(results: list[tuple[str, dict]]) -> str:
                   f"{peak['matmul_tflops']:.0f} TFLOP/s, device copy {peak['copy_gbs']:.0f} GB/s; timm-compile mode "
                   f"`{rec['compile_mode']}`; timing: {rec['timing']}. From `benchmarks/results/{name}`.", ""]
         for model, info in rec["models"].items():
-            rows = [r for r in rec["rows"] if r["model"] == model]
-            lines += [f"**{model}** ({info['gflops_per_image']:.2f} GFLOP/image)", "",
-                      format_table(rows, rec["baselines"], markdown=True), ""]
+            for mode in (MODE_INFERENCE, MODE_TRAIN):
+                rows = [r for r in rec["rows"] if r["model"] == model and row_mode(r) == mode]
+                if rows:
+                    lines += [_heading(rec, model, info, mode), "",
+                              format_table(rows, rec["baselines"], markdown=True), ""]
             lines += [f"- {note}" for note in info["notes"]] + [""]
     return "\n".join(lines).rstrip()
+
+
+def _fmt_gflops(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
+def _heading(rec: dict, model: str, info: dict, mode: str) -> str:
+    if mode == MODE_INFERENCE:
+        return f"**{model}** ({_fmt_gflops(info['gflops_per_image'])} GFLOP/image)"
+    train = rec["train"]
+    cast = f"{train['autocast_dtype']} autocast" if train["autocast_dtype"] else "fp32, no autocast"
+    return (f"**{model}, training step** (forward + backward, optimizer excluded; {cast}, {train['param_dtype']} "
+            f"parameters; {_fmt_gflops(info.get('train_gflops_per_image'))} GFLOP/image, "
+            f"{train['flops_factor']}x the forward's)")
 
 
 def rewrite(readme: str, section: str) -> str:

@@ -117,6 +117,9 @@ def test_cpu_bench_writes_labelled_json_csv_png(tmp_path):
     fast = status["vitfast"]
     assert fast["status"] == "ok" and fast["label"] == "vitfast (PyTorch fallback on CPU)"
     assert fast["label"] in stdout and record["peak"]["copy_gbs"] > 0
+    # Without --train the files are as before training rows existed: no mode, no train field.
+    assert "train" not in record and not any("mode" in r for r in rows) and "mode" not in csv_rows[0]
+    assert "train_gflops_per_image" not in record["models"]["vit_tiny"] and " train batch" not in stdout
 
 
 @pytest.mark.gpu
@@ -130,7 +133,7 @@ def test_gpu_bench_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--model", "vit_gigantic_nonsense"), ("--baselines", "timm-jit"),
-                                         ("--batch", "0")])
+                                         ("--batch", "0"), ("--train-batch", "0"), ("--train-model", "vit_small")])
 def test_bench_rejects_unknown_names(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         vitfast_main(["bench", flag, value, "--out", str(tmp_path / "out")])

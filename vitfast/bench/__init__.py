@@ -1,4 +1,4 @@
-"""``python -m vitfast bench``: whole-model inference speed of vitfast against its baselines.
+"""``python -m vitfast bench``: whole-model inference (and training-step) speed of vitfast against its baselines.
 
 Every implementation runs in the same process, on the same input and the same parameter tensors:
 
@@ -18,10 +18,18 @@ harness still runs, at the smallest size, timed with a host clock around synchro
 figures are labelled CPU figures everywhere and say nothing about kernel speed (the vitfast rows then
 run the plain-PyTorch fallback, never Triton's interpreter).
 
+With ``--train`` (training rows only) or ``--train-batch N`` (after the inference rows) the run also
+times a training step of the same implementations, vitfast-cudagraph aside: fp32 parameters, forward
+under ``torch.autocast`` in ``--dtype``, a loss, backward, no optimizer (``train``). Such a run marks
+every row with its ``mode`` and ``autocast_dtype``, records the step in its ``train`` field and the
+step's FLOPs (3x the forward's) per model as ``train_gflops_per_image``; speedups compare rows of one
+mode only.
+
 Where each part lives: ``flops`` (the FLOP count), ``timm_twin`` (the timm model holding the
 reference's weights), ``options`` (names, command-line options, ``Config``), ``subjects`` (the models
 under test), ``implementations`` (what is compared), ``measure`` (timer, peaks, one row), ``machine``
-(GPU, driver, versions), ``results`` (rows, JSON, CSV, table), ``plot`` (the PNG), ``cli`` (the run).
+(GPU, driver, versions), ``results`` (rows, JSON, CSV, table), ``train`` (the training step), ``plot``
+(the PNG), ``cli`` (the run).
 
 >>> from vitfast import bench
 >>> bench.main(["--quick", "--out", "/tmp/bq"])   # doctest: +SKIP
@@ -33,13 +41,16 @@ from .machine import machine_info
 from .measure import Timer, measure_peaks, measure_row
 from .options import BASELINES, COMPILE_MODES, DTYPES, IMPLEMENTATIONS, Config, add_arguments, resolve
 from .plot import write_plot
-from .results import (ROW_FIELDS, RUN_FIELDS, blank_row, fill_derived, format_table, result_stem, speedup_field,
-                      write_json_csv)
-from .subjects import PRENORM_NOTE, Subject, build_subject
+from .results import (MODE_INFERENCE, MODE_TRAIN, ROW_FIELDS, RUN_FIELDS, TRAIN_FLOPS_FACTOR, TRAIN_ROW_FIELDS,
+                      blank_row, fill_derived, format_table, result_stem, row_mode, speedup_field, write_json_csv)
+from .subjects import PRENORM_NOTE, TRAIN_NOTE, Subject, build_subject
 from .timm_twin import timm_from_reference
+from .train import autocast_dtype, train_info, training_step
 
 __all__ = ["BASELINES", "BUILDERS", "COMPILE_MODES", "CPU_NOTE", "Config", "DTYPES", "IMPLEMENTATIONS", "Impl",
-           "PRENORM_NOTE", "ROW_FIELDS", "RUN_FIELDS", "Skip", "Subject", "Timer", "ViTShape", "add_arguments",
-           "blank_row", "build_subject", "fill_derived", "flops_per_image", "format_table", "machine_info", "main",
-           "measure_peaks", "measure_row", "resolve", "result_stem", "run", "run_from_args", "shape_of",
-           "speedup_field", "timm_from_reference", "write_json_csv", "write_plot"]
+           "MODE_INFERENCE", "MODE_TRAIN", "PRENORM_NOTE", "ROW_FIELDS", "RUN_FIELDS", "Skip", "Subject",
+           "TRAIN_FLOPS_FACTOR", "TRAIN_NOTE", "TRAIN_ROW_FIELDS", "Timer", "ViTShape", "add_arguments",
+           "autocast_dtype", "blank_row", "build_subject", "fill_derived", "flops_per_image", "format_table",
+           "machine_info", "main", "measure_peaks", "measure_row", "resolve", "result_stem", "row_mode", "run",
+           "run_from_args", "shape_of", "speedup_field", "timm_from_reference", "train_info", "training_step",
+           "write_json_csv", "write_plot"]

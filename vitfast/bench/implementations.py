@@ -23,6 +23,7 @@ class Impl:
     module: nn.Module  # whose parameters count towards peak memory
     prepare: Callable[[torch.Tensor], Callable[[], object]]  # per batch: the call that is timed
     setup_s: float = 0.0  # one-time build (weight copy, optimize, torch.compile wrapper)
+    zero_grads: bool = False  # a training step: the module's gradients go to None before each timed call
 
 
 def _eager(model: nn.Module) -> Callable[[torch.Tensor], Callable[[], object]]:
@@ -56,7 +57,7 @@ def _vitfast_model(s: Subject) -> nn.Module:
             s.vitfast_skip = f"vitfast.optimize is not available ({type(e).__name__}: {e})"
         else:
             base = s.ref if s.ref is not None else s.timm
-            s.vitfast_model = optimize(copy.deepcopy(base), inplace=True).eval()
+            s.vitfast_model = optimize(copy.deepcopy(base), inplace=True).train(s.training)
             report = getattr(s.vitfast_model, "vitfast_report", None)
             if report is not None:
                 s.notes.append(f"vitfast.optimize swapped {len(report.swapped)} module(s), "
@@ -82,6 +83,8 @@ def _vitfast(s: Subject) -> Impl:
 def _vitfast_cudagraph(s: Subject) -> Impl:
     if s.device.type != "cuda":
         raise Skip("CUDA graphs need a GPU")
+    if s.training:
+        raise Skip("CUDA-graph replay is measured for inference only")
     model = _vitfast_model(s)
 
     def prepare(x: torch.Tensor) -> Callable[[], object]:

@@ -30,6 +30,8 @@ class Config:
     out: Path
     seed: int
     compile_on_cpu: bool
+    train_batches: list[int] = dataclasses.field(default_factory=list)  # training-step rows, after the inference rows
+    train_models: list[str] = dataclasses.field(default_factory=list)  # the models that get them
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -54,15 +56,30 @@ def resolve(args: argparse.Namespace) -> Config:
     for b in baselines:
         if b not in BASELINES:
             raise ValueError(f"--baselines: expected names from {list(BASELINES)}, got {b!r}")
-    given = _split(args.batch)
-    if not all(b.isdigit() and int(b) > 0 for b in given):
-        raise ValueError(f"--batch: expected positive integers, got {given}")
-    batches = [int(b) for b in given] or ([256] if cuda else [2] if args.quick else [1, 2])
+    batches = _batches("--batch", args.batch) or ([128 if args.train else 256] if cuda else
+                                                   [2] if args.quick else [1, 2])
+    train_batches = _batches("--train-batch", args.train_batch)
+    if args.train:  # training rows only, at --batch
+        if train_batches:
+            raise ValueError(f"--train-batch: adds training rows to an inference run; with --train give the "
+                             f"training batch sizes to --batch, got --train-batch {train_batches}")
+        batches, train_batches = [], batches
+    train_models = _split(args.train_model) or models
+    if not set(train_models) <= set(models):
+        raise ValueError(f"--train-model: expected names given to --model ({models}), got {train_models}")
     depth = args.depth if args.depth is not None else (2 if args.quick and not cuda else None)
     return Config(device, models, batches, args.dtype or ("bf16" if cuda else "fp32"),
                   args.img_size or (224 if cuda else 32), depth, baselines,
                   args.compile_mode or ("default" if args.quick else "max-autotune"), args.quick, args.budget,
-                  Path(args.out), args.seed, compile_on_cpu=bool(args.baselines) and "timm-compile" in baselines)
+                  Path(args.out), args.seed, compile_on_cpu=bool(args.baselines) and "timm-compile" in baselines,
+                  train_batches=train_batches, train_models=train_models if train_batches else [])
+
+
+def _batches(flag: str, values: list[str] | None) -> list[int]:
+    given = _split(values)
+    if not all(b.isdigit() and int(b) > 0 for b in given):
+        raise ValueError(f"{flag}: expected positive integers, got {given}")
+    return [int(b) for b in given]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", metavar="NAME",
                         help=f"{', '.join(reference.CONFIGS)} or a timm model name (random weights, no "
                              "download); default vit_base on a GPU, vit_tiny on the CPU")
-    parser.add_argument("--batch", nargs="+", metavar="N", help="one or several batch sizes (default 256 on a GPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--batch", nargs="+", metavar="N", help="one or several batch sizes (default 256 on a GPU; "
+                        "with --train, the training batch sizes, default 128 on a GPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default bf16 on a GPU, fp32 on the CPU. Inference rows hold the model in this dtype; "
+                             "training rows keep the parameters in fp32 and run under torch.autocast with this "
+                             "dtype (fp32: no autocast)")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step instead of inference: forward, loss and backward under "
+                             "torch.autocast, optimizer excluded, gradients set to None outside the timed region")
+    parser.add_argument("--train-batch", nargs="+", metavar="N",
+                        help="after each model's inference rows, also time its training step (as --train) at "
+                             "these batch sizes, in the same result files")
+    parser.add_argument("--train-model", nargs="+", metavar="NAME",
+                        help="the models of --model that get training rows (default: all)")
     parser.add_argument("--img-size", type=int, help="default 224 on a GPU, 32 on the CPU")
     parser.add_argument("--depth", type=int, help="override the number of layers (default: the model's; 2 with "
                                                   "--quick on the CPU)")

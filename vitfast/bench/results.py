@@ -9,6 +9,18 @@ from pathlib import Path
 RUN_FIELDS = ("device_kind", "gpu", "driver", "torch", "triton", "dtype", "img_size", "date", "compile_mode", "note")
 ROW_FIELDS = ("model", "implementation", "label", "batch", "status", "reason", "median_ms", "images_per_s",
               "tflops", "frac_of_peak", "peak_mem_mib", "setup_s", "first_call_s")
+# Only in runs that measured a training step (--train, --train-batch): every row says which it is.
+TRAIN_ROW_FIELDS = ("mode", "autocast_dtype")
+MODE_INFERENCE, MODE_TRAIN = "inference", "train"
+# A training step's FLOPs: the forward's, and twice as many in the backward (one GEMM for the gradient of
+# the activations and one for the weights' per forward GEMM; attention's backward counted alike, without the
+# recomputation of QK^T that flash-style kernels add).
+TRAIN_FLOPS_FACTOR = 3
+
+
+def row_mode(row: dict) -> str:
+    """A row's mode; rows without one (every row of an inference-only run) are inference rows."""
+    return row.get("mode", MODE_INFERENCE)
 
 
 def speedup_field(baseline: str) -> str:
@@ -22,16 +34,21 @@ def blank_row(model: str, impl: str, label: str, batch: int, status: str = "ok",
 
 
 def fill_derived(rows: list[dict], flops: dict[str, int | None], peak_tflops: float, baselines: list[str]) -> None:
-    """images/s, TFLOP/s, fraction of peak, and the speedup over each baseline at the same model and batch."""
-    timed = {(r["model"], r["batch"], r["implementation"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    """images/s, TFLOP/s, fraction of peak, and the speedup over each baseline at the same model, mode and batch.
+
+    ``flops``: a forward's FLOPs per image; a training row counts ``TRAIN_FLOPS_FACTOR`` times as many.
+    """
+    timed = {(r["model"], row_mode(r), r["batch"], r["implementation"]): r["median_ms"]
+             for r in rows if r["status"] == "ok"}
     for r in rows:
         ms, f = r["median_ms"], flops.get(r["model"])
+        f = f and f * (TRAIN_FLOPS_FACTOR if row_mode(r) == MODE_TRAIN else 1)
         ok = r["status"] == "ok"
         r["images_per_s"] = r["batch"] / ms * 1e3 if ok else None
         r["tflops"] = f * r["batch"] / ms / 1e9 if ok and f else None
         r["frac_of_peak"] = r["tflops"] / peak_tflops if r["tflops"] else None
         for b in baselines:
-            base = timed.get((r["model"], r["batch"], b))
+            base = timed.get((r["model"], row_mode(r), r["batch"], b))
             r[speedup_field(b)] = base / ms if ok and base else None
 
 
@@ -49,6 +66,8 @@ def write_json_csv(record: dict, out: Path) -> tuple[Path, Path]:
     json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     columns = list(RUN_FIELDS) + list(ROW_FIELDS) + [speedup_field(b) for b in record["baselines"]]
+    if "train" in record:
+        columns += TRAIN_ROW_FIELDS
     with csv_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
