@@ -132,12 +132,16 @@ def fallback_only(enabled: bool = True) -> Iterator[None]:
 
 
 _launch_counts: dict[str, int] | None = None
+_launch_dtypes: dict[str, set[torch.dtype]] | None = None
 
 
-def record_launch(op: str) -> None:
-    """Called by each op when it takes the Triton path; counted inside ``count_launches``."""
+def record_launch(op: str, *operands: torch.Tensor | None) -> None:
+    """Called by each op when it takes the Triton path, with the tensors its kernels compute on;
+    counted inside ``count_launches``, their dtypes collected inside ``launch_dtypes``."""
     if _launch_counts is not None:
         _launch_counts[op] = _launch_counts.get(op, 0) + 1
+    if _launch_dtypes is not None:
+        _launch_dtypes.setdefault(op, set()).update(t.dtype for t in operands if t is not None)
 
 
 @contextmanager
@@ -154,3 +158,21 @@ def count_launches() -> Iterator[dict[str, int]]:
         yield _launch_counts
     finally:
         _launch_counts = old
+
+
+@contextmanager
+def launch_dtypes() -> Iterator[dict[str, set[torch.dtype]]]:
+    """Collect, per op, the dtypes of the operands its kernels received (tests use it to prove that
+    autocast reaches the kernels).
+
+    >>> with torch.autocast("cuda", dtype=torch.bfloat16), launch_dtypes() as dtypes:
+    ...     model(x)
+    >>> dtypes["linear"]
+    {torch.bfloat16}
+    """
+    global _launch_dtypes
+    old, _launch_dtypes = _launch_dtypes, {}
+    try:
+        yield _launch_dtypes
+    finally:
+        _launch_dtypes = old

@@ -90,7 +90,7 @@ class FusedOpenClipBlock(Fused):
     def _vitfast_declines(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
                           attn_mask: Tensor | None = None) -> bool:
         # k_x and v_x are ignored by a block without ln_1_kv, as open_clip's forward does.
-        return not isinstance(q_x, Tensor) or q_x.is_nested or torch.is_autocast_enabled(q_x.device.type)
+        return not isinstance(q_x, Tensor) or q_x.is_nested
 
     def _weights(self) -> BlockWeights:
         m = self._modules

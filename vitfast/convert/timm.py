@@ -2,7 +2,6 @@
 installed for this file to import; it is never imported here)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..modules._block import BlockWeights, linear_params, norm_params, param, pre_norm_block
@@ -186,9 +185,6 @@ class FusedTimmPatchEmbed(Fused):
 
     def _vitfast_unsupported(self) -> str | None:
         return patch_embed_reason(self)
-
-    def _vitfast_declines(self, x: Tensor) -> bool:
-        return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)  # as PatchConv2d
 
     def _fused_forward(self, x: Tensor) -> Tensor:
         p, size = self.proj.kernel_size[0], self.img_size

@@ -83,7 +83,7 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
     ``is_causal`` (a hint that needs ``attn_mask``: where PyTorch's own code then drops the mask for
     its causal path, so does vitfast). Returns ``(output, None)``. It runs PyTorch's own forward, as
     it is, for what it does not compute: attention weights (``need_weights=True``, the default),
-    cross-attention (query, key and value not one tensor), unbatched or nested inputs, autocast. In
+    cross-attention (query, key and value not one tensor), unbatched or nested inputs. In
     training, ``dropout`` drops attention probabilities inside the attention kernel. A query row
     whose keys are all masked yields zeros.
 
@@ -109,8 +109,7 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
                           average_attn_weights: bool = True, is_causal: bool = False) -> bool:
         # A causal hint without a mask: PyTorch raises, or ignores it on its native path.
         return (bool(need_weights) or query is not key or key is not value or not isinstance(query, Tensor)
-                or query.is_nested or query.dim() != 3 or (bool(is_causal) and attn_mask is None)
-                or torch.is_autocast_enabled(query.device.type))
+                or query.is_nested or query.dim() != 3 or (bool(is_causal) and attn_mask is None))
 
     def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                        need_weights: bool = True, attn_mask: Tensor | None = None,

@@ -30,8 +30,11 @@ _KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def fusable_images(images: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``images`` when the kernel computes with them and ``weight`` what the convolution would, else
     ``Unfusable``: the original forward then runs, and raises PyTorch's own error for bad input (a
-    dtype or device that differs from the weight's)."""
-    if images.dtype != weight.dtype or images.dtype not in _KERNEL_FLOATS or images.device != weight.device:
+    dtype or device that differs from the weight's). Under autocast the dtypes may differ: the
+    convolution, and the op, cast both."""
+    mixed_ok = torch.is_autocast_enabled(images.device.type) and weight.dtype in _KERNEL_FLOATS
+    if ((images.dtype != weight.dtype and not mixed_ok) or images.dtype not in _KERNEL_FLOATS
+            or images.device != weight.device):
         raise Unfusable(f"{images.dtype} images on {images.device} with {weight.dtype} weights on {weight.device}")
     return images
 
@@ -63,10 +66,6 @@ class PatchConv2d(Fused, nn.Conv2d):
 
     def _vitfast_unsupported(self) -> str | None:
         return patch_conv_reason(self)
-
-    def _vitfast_declines(self, input: torch.Tensor) -> bool:
-        # Autocast runs the convolution in its own dtype: until the ops follow autocast, PyTorch does.
-        return isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type)
 
     def _fused_forward(self, input: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size[0]

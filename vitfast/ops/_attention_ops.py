@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -61,7 +62,7 @@ def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, 
     """Run the backward kernels, writing the [B, H, N_Q, d] view dq and the [B, H, N_KV, d] views dk, dv."""
     from ..kernels.attention import attention_bwd
 
-    runtime.record_launch("attention_bwd")
+    runtime.record_launch("attention_bwd", dout, q, k, v)
     H = q.shape[1]
     dlse = None if dlse is None else dlse.float().contiguous()
     with runtime.launching(q.device):
@@ -131,6 +132,12 @@ def _(qkv, num_heads, key_padding_mask, attn_mask, scale, is_causal, rope=None, 
       dropout_p=0.0, seed=None):
     B, N, width = qkv.shape
     return qkv.new_empty(B, N, width // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+# Under autocast the operands take its dtype, as SDPA's; masks and the rotary table keep theirs (the
+# kernels read them in fp32).
+autocast.register("attention_fwd", cast_args=(0, 1, 2))
+autocast.register("attention_packed_fwd", cast_args=(0,))
 
 
 @torch.library.custom_op("vitfast::attention_packed_bwd", mutates_args=())

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _autocast as autocast
 from ._dispatch import kernel_path
 from ._validate import check_float, check_same_dtype, check_shape, check_tensor
 
@@ -60,10 +61,15 @@ def check_layer(prefix: str, x: Tensor, in_width: int, source: str, weight: Tens
 
 
 def check_residual(x: Tensor, residual: Tensor | None, out_width: int) -> None:
+    """The residual has the output's shape, and x's dtype — any float dtype under autocast, where eager's
+    half-precision GEMM result meets the model's fp32 residual stream."""
     if residual is not None:
         check_tensor("residual", residual)
         check_shape("residual", residual, (*x.shape[:-1], out_width))
-        check_same_dtype("residual", residual, "x", x)
+        if autocast.lower_dtype(x.device.type) is None:
+            check_same_dtype("residual", residual, "x", x)
+        else:
+            check_float("residual", residual)
 
 
 def check_scale(scale: Tensor | None, out_width: int) -> None:
@@ -108,9 +114,10 @@ def fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, re
     y = TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
     if dropout_p > 0.0:
         y = F.dropout(y, dropout_p, training=True)
-    # Factors of another float dtype do not change the output's.
-    if scale is not None:
-        y = (y * scale).to(y.dtype)
-    if row_scale is not None:
-        y = (y * row_scale.unsqueeze(-1)).to(y.dtype)
+    # Factors of another float dtype do not change the output's, except under autocast, where the
+    # result takes eager's promoted dtype (as the kernel path's).
+    promote = autocast.lower_dtype(x.device.type) is not None
+    for factor in (scale, None if row_scale is None else row_scale.unsqueeze(-1)):
+        if factor is not None:
+            y = y * factor if promote else (y * factor).to(y.dtype)
     return y if residual is None else y + residual

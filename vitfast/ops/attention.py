@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 from ._attention_ops import _split_packed, _unit_last
 from ._dispatch import kernel_path
 from ._random import check_dropout_p, draw_seed
@@ -204,7 +205,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     is_causal, rope_prefix, rope_half = bool(is_causal), int(rope_prefix), bool(rope_half)
     if _kernel_path(q, key_padding_mask, attn_mask, rope):
-        runtime.record_launch("attention")
+        runtime.record_launch("attention", q, k, v)
         seed = draw_seed(q.device) if dropout_p > 0.0 else None
         out, lse = kernel(scale, is_causal, None if rope is None else _unit_last(rope), rope_prefix, rope_half,
                           dropout_p, seed)
@@ -235,6 +236,8 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     ``rope``, ``rope_prefix``, ``rope_half``: rotary position embedding of q and k, timm's
     (see the module docstring). ``dropout_p``: dropout on the attention probabilities, as SDPA's,
     applied whenever > 0 (pass 0 in eval); a fresh mask per call from PyTorch's generator.
+    Under ``torch.autocast`` ``qkv`` is cast to the autocast dtype, as SDPA's inputs are, and so is
+    the result; float masks and ``rope`` keep their dtype (read in fp32).
 
     >>> qkv = torch.randn(2, 197, 3 * 768)
     >>> y = attention(qkv, num_heads=12)  # [2, 197, 768]
@@ -245,6 +248,7 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     >>> y = attention(qkv, 12, dropout_p=0.1 if model.training else 0.0)
     """
     check_float("qkv", qkv)
+    (qkv,) = autocast.operands(qkv.device, qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be 3-D [batch, tokens, 3 * embed_dim], got shape {tuple(qkv.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
@@ -290,6 +294,7 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
         check_float(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+    q, k, v = autocast.operands(q.device, q, k, v)
     B, H, N_Q, d = q.shape
     N_KV = k.shape[2]
     if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, d):

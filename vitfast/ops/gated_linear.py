@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 from ._layout import as_rows
 from ._linear_args import TORCH_ACTIVATIONS, activation_name, check_input, check_layer, kernel_path_for
 from ._random import check_dropout_p, draw_seed, keep_scale
@@ -43,6 +44,9 @@ def _(x, gate_weight, gate_bias, value_weight, value_bias, activation, store_pre
       seed=None):
     M, H = x.shape[0], gate_weight.shape[0]
     return x.new_empty(M, H), x.new_empty((M, 2 * H) if store_preact else (0,))
+
+
+autocast.register("gated_linear_fwd", cast_args=(0, 1, 2, 3, 4))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -99,7 +103,7 @@ def _gated_linear_bwd(
     from ..kernels.gated_linear import gated_epilogue_bwd
     from ..kernels.linear import linear_fwd
 
-    runtime.record_launch("gated_linear_bwd")
+    runtime.record_launch("gated_linear_bwd", dy, x, gate_weight, value_weight)
     M, H = dy.shape
     first = 0 if compute_dgate_weight else H
     last = 2 * H if compute_dvalue_weight else H
@@ -163,6 +167,8 @@ def gated_linear(
     when > 0, pass 0 in eval), kept ones multiplied by 1 / (1 - p), in the same epilogue. The mask
     comes from a seed drawn from PyTorch's generator (``torch.manual_seed`` makes it reproducible)
     and is regenerated in the backward, never stored.
+    Under ``torch.autocast`` the input, weights and biases are cast to the autocast dtype, as
+    ``F.linear`` casts them, and the result has that dtype.
     Differentiable: the backward runs on Triton kernels too. float64 inputs take PyTorch (warned once).
 
     >>> x = torch.randn(2, 257, 768)
@@ -175,6 +181,8 @@ def gated_linear(
     act = activation_name(activation)
     p = check_dropout_p("dropout_p", dropout_p)
     check_input(x)
+    x, gate_weight, gate_bias, value_weight, value_bias = autocast.operands(x.device, x, gate_weight, gate_bias,
+                                                                            value_weight, value_bias)
     hidden = check_layer("gate_", x, x.shape[-1], "x's last dimension", gate_weight, gate_bias)
     value_hidden = check_layer("value_", x, x.shape[-1], "x's last dimension", value_weight, value_bias)
     if value_hidden != hidden:
@@ -184,7 +192,7 @@ def gated_linear(
                       value_bias=value_bias)
 
     if kernel_path_for("gated_linear", x, hidden, None):
-        runtime.record_launch("gated_linear")
+        runtime.record_launch("gated_linear", x, gate_weight, value_weight)
         store_preact = runtime.needs_autograd(x, gate_weight, gate_bias, value_weight, value_bias)
         seed = draw_seed(x.device) if p > 0.0 else None  # outside the custom op: compiled graphs draw it too
         y, _ = torch.ops.vitfast.gated_linear_fwd(as_rows(x, x.shape[-1]), gate_weight, gate_bias, value_weight,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 from ._dispatch import kernel_path
 from ._layout import as_rows
 from ._trace import fx_traceable
@@ -41,6 +42,10 @@ def _(x, weight, bias, eps, residual, store_stats):
     return (x.new_empty(M, N), x.new_empty(M, N) if residual is not None else x.new_empty(0),
             x.new_empty(M if store_stats else 0, dtype=torch.float32),
             x.new_empty(M if store_stats else 0, dtype=torch.float32))
+
+
+# layer_norm is on CUDA autocast's float32 list, on no CPU list.
+autocast.register("layer_norm_fwd", cast_args=(0, 1, 2, 4), policy="layer_norm")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -82,7 +87,7 @@ def _layer_norm_bwd(
     """Gradients of xin (plus ds; dtype of xin), weight and bias (fp32 [N]); empty where not asked."""
     from ..kernels.layer_norm import layer_norm_bwd
 
-    runtime.record_launch("layer_norm_bwd")
+    runtime.record_launch("layer_norm_bwd", xin)
     M, N = xin.shape
     dx = runtime.empty(M, N, dtype=xin.dtype, device=xin.device) if compute_dx else None
     with runtime.launching(xin.device):
@@ -126,6 +131,9 @@ def layer_norm(
     Statistics are fp32 whatever the input dtype; outputs have the dtype of ``x``. ``eps`` may be 0
     (a constant row then gives NaN, as in ``F.layer_norm``); float64 inputs take PyTorch (warned once).
     ``weight`` and ``bias`` may have any stride (a slice, or one value broadcast with ``expand``).
+    Under ``torch.autocast`` it follows PyTorch's policy for ``layer_norm``: on CUDA the inputs are
+    cast to float32 (and so is ``y``), on CPU they keep their dtypes; the residual may then have
+    another float dtype than ``x``, the sum taking the promoted one, as eager's ``x + residual``.
     Differentiable: when an input requires grad the forward keeps its fp32 statistics and the
     backward runs a Triton kernel too (dx, and dweight/dbias from per-program fp32 partial sums).
 
@@ -142,13 +150,24 @@ def layer_norm(
         if p is not None:
             check_float(name, p)
             check_shape(name, p, (width,))
+    under_autocast = autocast.lower_dtype(x.device.type) is not None
     if residual is not None:
         check_tensor("residual", residual)
         check_shape("residual", residual, tuple(x.shape))
-        check_same_dtype("residual", residual, "x", x)
+        if under_autocast:
+            check_float("residual", residual)
+        else:
+            check_same_dtype("residual", residual, "x", x)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if under_autocast:
+        if residual is not None and (residual.dtype != x.dtype
+                                     or (x.device.type == "cuda" and x.dtype != torch.float32)):
+            # The sum is eager's own add (its promoted dtype), normalised as autocast normalises it.
+            s = x + residual
+            return layer_norm(s, weight, bias, eps), s
+        x, weight, bias = autocast.layer_norm_inputs(x.device, x, weight, bias)
 
     if kernel_path("layer_norm", x, weight, bias, dot=False):
         from ..kernels.layer_norm import MAX_WIDTH
@@ -157,7 +176,7 @@ def layer_norm(
             runtime.warn_once(f"layer_norm:width={width}",
                               f"vitfast.layer_norm: width {width} > {MAX_WIDTH}; using PyTorch")
         else:
-            runtime.record_launch("layer_norm")
+            runtime.record_launch("layer_norm", x, residual)
             # Training keeps the fp32 statistics for the backward kernel.
             y, s, _, _ = torch.ops.vitfast.layer_norm_fwd(
                 as_rows(x, width), weight, bias, float(eps),

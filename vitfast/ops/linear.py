@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 from ._layout import as_rows
 from ._linear_args import (
     activation_name, check_input, check_layer, check_residual, check_row_scale, check_scale, fallback,
@@ -28,16 +29,17 @@ from ._validate import check_same_device
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
     store_preact: bool = False, scale: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-    row_scale: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
     """Y = row_scale ⊙ scale ⊙ dropout(act(x · weightᵀ + bias)) + residual, and the pre-activation
     x · weightᵀ + bias that the backward needs when ``store_preact`` (else an empty tensor). Dropout
     (probability ``dropout_p``) runs when ``seed`` (int64 [1], drawn by the caller) is given;
-    row_scale is contiguous fp32 [M]."""
+    row_scale is contiguous fp32 [M]. Y has ``out_dtype``, by default x's promoted with the residual's
+    (as ``gemm_result + residual``; the public op passes eager's dtype under autocast)."""
     from ..kernels.linear import linear_fwd
 
     M, N = x.shape[0], weight.shape[0]
-    y = runtime.empty(M, N, dtype=x.dtype, device=x.device)
+    y = runtime.empty(M, N, dtype=out_dtype or _out_dtype(x, residual), device=x.device)
     z = runtime.empty(M, N, dtype=x.dtype, device=x.device) if store_preact else None
     with runtime.launching(x.device):
         linear_fwd(x, weight, bias, residual, activation, y, z, scale, seed, dropout_p, keep_scale(dropout_p),
@@ -47,9 +49,17 @@ def _linear_fwd(
 
 @_linear_fwd.register_fake
 def _(x, weight, bias, residual, activation, store_preact=False, scale=None, dropout_p=0.0, seed=None,
-      row_scale=None):
+      row_scale=None, out_dtype=None):
     M, N = x.shape[0], weight.shape[0]
-    return x.new_empty(M, N), x.new_empty((M, N) if store_preact else (0,))
+    return (x.new_empty(M, N, dtype=out_dtype or _out_dtype(x, residual)),
+            x.new_empty((M, N) if store_preact else (0,)))
+
+
+def _out_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+autocast.register("linear_fwd", cast_args=(0, 1, 2))
 
 
 def _needs_scale_grad(ctx) -> bool:
@@ -58,7 +68,7 @@ def _needs_scale_grad(ctx) -> bool:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, _, activation, store_preact, scale, dropout_p, seed, row_scale = inputs
+    x, weight, _, _, activation, store_preact, scale, dropout_p, seed, row_scale, *_ = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
     need_x, need_w = ctx.needs_input_grad[:2]
@@ -70,6 +80,7 @@ def _setup_context(ctx, inputs, output) -> None:
                           z if activation != "none" or need_s else None, scale, seed, row_scale)
     ctx.activation, ctx.store_preact, ctx.dropout_p = activation, store_preact, dropout_p
     ctx.scale_dtype = None if scale is None else scale.dtype
+    ctx.operand_dtype = x.dtype
 
 
 def _backward(ctx, dy: Tensor, _dz):
@@ -83,11 +94,12 @@ def _backward(ctx, dy: Tensor, _dz):
                                "cannot be differentiated; vitfast.ops.linear asks for the pre-activation itself")
         x, weight, z, scale, seed, row_scale = ctx.saved_tensors
         dx, dw, db, ds = torch.ops.vitfast.linear_bwd(dy, x, weight, z, ctx.activation, need_x, need_w, need_b,
-                                                      scale, need_s, ctx.dropout_p, seed, row_scale)
+                                                      scale, need_s, ctx.dropout_p, seed, row_scale,
+                                                      ctx.operand_dtype)
         grads = [dx if need_x else None, dw if need_w else None, db if need_b else None]
         dscale = ds.to(ctx.scale_dtype) if need_s else None
     # dR = dY: the residual is added after everything else. No gradient for the seed or the row factor.
-    return (*grads, dy if need_r else None, None, None, dscale, None, None, None)
+    return (*grads, dy if need_r else None, None, None, dscale, None, None, None, None)
 
 
 torch.library.register_autograd("vitfast::linear_fwd", _backward, setup_context=_setup_context)
@@ -98,11 +110,14 @@ def _linear_bwd(
     dy: Tensor, x: Optional[Tensor], weight: Optional[Tensor], z: Optional[Tensor], activation: str,
     compute_dx: bool, compute_dw: bool, compute_db: bool, scale: Optional[Tensor] = None,
     compute_dscale: bool = False, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-    row_scale: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x [M, K] (needs weight), weight [N, K] (needs x) and bias [N] in dy's dtype, and of
-    the scale [N] in fp32 (needs z), from dy [M, N] and the stored pre-activation z; empty where not
-    asked for. ``dropout_p``, ``seed`` and ``row_scale`` are the forward's.
+    """Gradients of x [M, K] (needs weight), weight [N, K] (needs x) and bias [N] in the forward
+    operands' dtype (``operand_dtype``, default dy's), and of the scale [N] in fp32 (needs z), from
+    dy [M, N] and the stored pre-activation z; empty where not asked for. ``dropout_p``, ``seed`` and
+    ``row_scale`` are the forward's. dy may be wider than the operands (the forward added a wider
+    residual): dZ is rounded to the operands' dtype once, as eager rounds the gradient of its
+    half-precision GEMM result.
 
     dZ = dy ⊙ row_scale ⊙ scale ⊙ mask/(1 - p) ⊙ act'(z) is one elementwise kernel (regenerating the
     mask from the seed), which also sums dy ⊙ row_scale ⊙ mask/(1 - p) ⊙ act(z) over the rows for the
@@ -110,7 +125,7 @@ def _linear_bwd(
     reading its operands transposed; dB is a fp32 torch sum of dZ's rows."""
     from ..kernels.linear import epilogue_bwd, linear_bwd
 
-    runtime.record_launch("linear_bwd")
+    dtype = operand_dtype or dy.dtype
     M, N = dy.shape
     need_dz = compute_dx or compute_dw or compute_db
     dz = dy
@@ -118,32 +133,36 @@ def _linear_bwd(
                    or row_scale is not None)
     with runtime.launching(dy.device):
         if elementwise:
-            dz = runtime.empty(M, N, dtype=dy.dtype, device=dy.device) if need_dz else None
+            dz = runtime.empty(M, N, dtype=dtype, device=dy.device) if need_dz else None
             dscale = epilogue_bwd(dy, z, scale, activation, dz, compute_dscale, seed, dropout_p,
                                   keep_scale(dropout_p), row_scale)
         else:
             dscale = None
-        dx = runtime.empty(M, weight.shape[1], dtype=dy.dtype, device=dy.device) if compute_dx else None
-        dw = runtime.empty(N, x.shape[1], dtype=dy.dtype, device=dy.device) if compute_dw else None
+            dz = dy.to(dtype)
+        runtime.record_launch("linear_bwd", dz, x, weight)
+        dx = runtime.empty(M, weight.shape[1], dtype=dtype, device=dy.device) if compute_dx else None
+        dw = runtime.empty(N, x.shape[1], dtype=dtype, device=dy.device) if compute_dw else None
         linear_bwd(dz, x, weight, dx, dw)
-    empty = dy.new_empty(0)
+    empty = dy.new_empty(0, dtype=dtype)
     return (empty if dx is None else dx, empty.clone() if dw is None else dw,
-            dz.sum(0, dtype=torch.float32).to(dy.dtype) if compute_db else empty.clone(),
+            dz.sum(0, dtype=torch.float32).to(dtype) if compute_db else empty.clone(),
             empty.new_empty(0, dtype=torch.float32) if dscale is None else dscale)
 
 
 @_linear_bwd.register_fake
 def _(dy, x, weight, z, activation, compute_dx, compute_dw, compute_db, scale=None, compute_dscale=False,
-      dropout_p=0.0, seed=None, row_scale=None):
+      dropout_p=0.0, seed=None, row_scale=None, operand_dtype=None):
     M, N = dy.shape
-    return (dy.new_empty((M, weight.shape[1]) if compute_dx else (0,)),
-            dy.new_empty((N, x.shape[1]) if compute_dw else (0,)),
-            dy.new_empty(N if compute_db else 0),
+    dtype = operand_dtype or dy.dtype
+    return (dy.new_empty((M, weight.shape[1]) if compute_dx else (0,), dtype=dtype),
+            dy.new_empty((N, x.shape[1]) if compute_dw else (0,), dtype=dtype),
+            dy.new_empty(N if compute_db else 0, dtype=dtype),
             dy.new_empty(N if compute_dscale else 0, dtype=torch.float32))
 
 
 def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str, residual: Tensor | None,
-            scale: Tensor | None = None, dropout_p: float = 0.0, row_scale: Tensor | None = None) -> Tensor:
+            scale: Tensor | None = None, dropout_p: float = 0.0, row_scale: Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> Tensor:
     """One kernel over rows x2 [M, K]; the residual, shaped like the output, is viewed as rows, and
     row_scale is the contiguous fp32 [M] factor. Draws the dropout seed (one per dropping launch,
     from PyTorch's generator) here, outside the custom op, so that compiled graphs draw it too.
@@ -154,7 +173,7 @@ def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str, re
     store_preact = (activation != "none" and runtime.needs_autograd(x2, weight, bias)) or scale_grad
     seed = draw_seed(x2.device) if dropout_p > 0.0 else None
     return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation, store_preact, scale, dropout_p, seed,
-                                        row_scale)[0]
+                                        row_scale, out_dtype)[0]
 
 
 def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None, row_scale: Tensor | None) -> bool:
@@ -201,6 +220,11 @@ def linear(
       (stochastic depth's per-sample factor: [B, 1] for x [B, N, D], [1, B] for sequence-first
       [N, B, D]). Not differentiated by the kernels: one that requires grad takes PyTorch (warned once).
 
+    Under ``torch.autocast`` ``x``, ``weight`` and ``bias`` are cast to the autocast dtype, as
+    ``F.linear`` casts them; the residual may then have any float dtype, and the result has eager's
+    dtype: the GEMM's promoted with the residual's, the scale's and the row factor's (fp32 for an
+    fp32 residual stream, as eager's ``half + fp32``), its gradient rounded to the GEMM's dtype once.
+
     Differentiable: the backward runs on Triton kernels too, the scale's gradient included.
     float64 inputs take PyTorch (warned once).
 
@@ -215,6 +239,7 @@ def linear(
     act = activation_name(activation)
     p = check_dropout_p("dropout_p", dropout_p)
     check_input(x)
+    x, weight, bias = autocast.operands(x.device, x, weight, bias)
     out_width = check_layer("", x, x.shape[-1], "x's last dimension", weight, bias)
     check_residual(x, residual, out_width)
     check_scale(scale, out_width)
@@ -222,8 +247,9 @@ def linear(
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, scale=scale, row_scale=row_scale)
 
     if _kernel_path("linear", x, out_width, scale, row_scale):
-        runtime.record_launch("linear")
-        y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale, p, row_vector(row_scale, x))
+        runtime.record_launch("linear", x, weight)
+        y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale, p, row_vector(row_scale, x),
+                    autocast.result_dtype(x, residual, scale, row_scale))
         return y.view(*x.shape[:-1], out_width)
     return fallback(x, weight, bias, act, residual, scale, p, row_scale)
 
@@ -251,8 +277,9 @@ def mlp(
     (+ dropout with ``dropout_p``, + ``scale`` [out], timm's LayerScale, + ``row_scale``, stochastic
     depth's per-sample factor broadcastable to ``x.shape[:-1]``) + residual in the next; see
     ``linear`` for the dropout and row-factor semantics. Each dropping launch draws its own seed,
-    the hidden one first. The hidden activations make one round trip through memory in ``x``'s dtype,
-    as in PyTorch. Gradients flow through both launches' backward kernels.
+    the hidden one first. The hidden activations make one round trip through memory in ``x``'s dtype
+    (the autocast dtype under ``torch.autocast``, which casts all four weights and biases, as
+    ``linear``), as in PyTorch. Gradients flow through both launches' backward kernels.
 
     >>> x = torch.randn(2, 197, 768)
     >>> w1, b1, w2, b2 = torch.randn(3072, 768), torch.randn(3072), torch.randn(768, 3072), torch.randn(768)
@@ -263,6 +290,8 @@ def mlp(
     p = check_dropout_p("dropout_p", dropout_p)
     hidden_p = check_dropout_p("hidden_dropout_p", hidden_dropout_p)
     check_input(x)
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast.operands(x.device, x, fc1_weight, fc1_bias,
+                                                                      fc2_weight, fc2_bias)
     hidden = check_layer("fc1_", x, x.shape[-1], "x's last dimension", fc1_weight, fc1_bias)
     out_width = check_layer("fc2_", x, hidden, "fc1's output (fc1_weight.shape[0])", fc2_weight, fc2_bias)
     check_residual(x, residual, out_width)
@@ -272,9 +301,10 @@ def mlp(
                       fc2_bias=fc2_bias, residual=residual, scale=scale, row_scale=row_scale)
 
     if hidden > 0 and _kernel_path("mlp", x, out_width, scale, row_scale):
-        runtime.record_launch("mlp")
+        runtime.record_launch("mlp", x, fc1_weight, fc2_weight)
         h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None, None, hidden_p)
-        y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_vector(row_scale, x))
+        y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_vector(row_scale, x),
+                    autocast.result_dtype(x, residual, scale, row_scale))
         return y.view(*x.shape[:-1], out_width)
     h = fallback(x, fc1_weight, fc1_bias, act, None, None, hidden_p)
     return fallback(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_scale)

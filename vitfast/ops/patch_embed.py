@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import runtime
+from . import _autocast as autocast
 from ._dispatch import kernel_path
 from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape
@@ -18,30 +19,39 @@ from ._validate import check_float, check_same_device, check_same_dtype, check_s
 def _patch_embed_fwd(
     images: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
     cls_pos: Optional[Tensor], pos: Optional[Tensor], channels_first: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
+    """Tokens in ``out_dtype`` (default the images'; the public op passes the promoted dtype under
+    autocast)."""
     from ..kernels.patch_embed import patch_embed_fwd
 
     B, _, H, W = images.shape
     D, P = weight.shape[0], weight.shape[-1]
     T = int(cls_token is not None) + (H // P) * (W // P)
+    dtype = out_dtype or images.dtype
     # The kernel stores through the output's strides: channel-major is the same launch.
-    out = (runtime.empty(B, D, T, dtype=images.dtype, device=images.device).transpose(1, 2) if channels_first
-           else runtime.empty(B, T, D, dtype=images.dtype, device=images.device))
+    out = (runtime.empty(B, D, T, dtype=dtype, device=images.device).transpose(1, 2) if channels_first
+           else runtime.empty(B, T, D, dtype=dtype, device=images.device))
     with runtime.launching(images.device):
         patch_embed_fwd(images, weight, bias, cls_token, cls_pos, pos, out)
     return out
 
 
 @_patch_embed_fwd.register_fake
-def _(images, weight, bias, cls_token, cls_pos, pos, channels_first=False):
+def _(images, weight, bias, cls_token, cls_pos, pos, channels_first=False, out_dtype=None):
     B, _, H, W = images.shape
     D, P = weight.shape[0], weight.shape[-1]
     T = int(cls_token is not None) + (H // P) * (W // P)
-    return images.new_empty(B, D, T).transpose(1, 2) if channels_first else images.new_empty(B, T, D)
+    dtype = out_dtype or images.dtype
+    return (images.new_empty(B, D, T, dtype=dtype).transpose(1, 2) if channels_first
+            else images.new_empty(B, T, D, dtype=dtype))
+
+
+autocast.register("patch_embed_fwd", cast_args=(0, 1, 2))  # conv2d's operands, as autocast casts them
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    images, weight, bias, cls_token, cls_pos, pos, _ = inputs
+    images, weight, bias, cls_token, cls_pos, pos, *_ = inputs
     ctx.save_for_backward(images, weight)
     ctx.prefix = int(cls_token is not None)
     ctx.dtypes = [None if t is None else t.dtype for t in (bias, cls_token, cls_pos, pos)]
@@ -54,14 +64,17 @@ def _backward(ctx, dtokens: Tensor):
     need_images, need_weight, *need_rest = ctx.needs_input_grad
     dimages = dweight = None
     if need_images or need_weight:
-        dimages, dweight = torch.ops.vitfast.patch_embed_bwd(dtokens, images, weight, need_images, need_weight)
+        # Wider tokens (fp32 under autocast): their gradient meets the GEMMs rounded once, as eager's
+        # reaches its half-precision convolution.
+        dimages, dweight = torch.ops.vitfast.patch_embed_bwd(dtokens.to(images.dtype), images, weight, need_images,
+                                                             need_weight)
     rest = [None] * 4
     if any(need_rest):
         per_row = dtokens.sum(0, dtype=torch.float32)  # [PREFIX + N, D]
         patches, cls_row = per_row[ctx.prefix:], per_row[0]
         for i, grad in enumerate((patches.sum(0), cls_row, cls_row, patches)):
             rest[i] = grad.to(ctx.dtypes[i]) if need_rest[i] else None
-    return dimages if need_images else None, dweight if need_weight else None, *rest, None
+    return dimages if need_images else None, dweight if need_weight else None, *rest, None, None
 
 
 torch.library.register_autograd("vitfast::patch_embed_fwd", _backward, setup_context=_setup_context)
@@ -82,7 +95,7 @@ def _patch_embed_bwd(
     """Gradients of images and weight (each in its tensor's layout and dtype; empty where not asked)."""
     from ..kernels.patch_embed import patch_embed_bwd
 
-    runtime.record_launch("patch_embed_bwd")
+    runtime.record_launch("patch_embed_bwd", dtokens, images, weight)
     dimages = _grad_buffer(images) if compute_dimages else None
     dweight = _grad_buffer(weight) if compute_dweight else None
     with runtime.launching(images.device):
@@ -98,11 +111,11 @@ def _(dtokens, images, weight, compute_dimages, compute_dweight):
 
 
 def _fallback(images: Tensor, weight: Tensor, bias: Tensor | None, cls_token: Tensor | None,
-              cls_pos: Tensor | None, pos: Tensor | None) -> Tensor:
-    """The eager composite (differentiable); bias, CLS and positions are cast to the images' dtype."""
-    dt = images.dtype
-    x = F.conv2d(images, weight, None if bias is None else bias.to(dt), stride=weight.shape[-1])
-    x = x.flatten(2).transpose(1, 2)
+              cls_pos: Tensor | None, pos: Tensor | None, dt: torch.dtype) -> Tensor:
+    """The eager composite (differentiable) in ``dt``; CLS and positions are cast to it, the bias to the
+    images' dtype."""
+    x = F.conv2d(images, weight, None if bias is None else bias.to(images.dtype), stride=weight.shape[-1])
+    x = x.flatten(2).transpose(1, 2).to(dt)
     if pos is not None:
         x = x + pos.to(dt)
     if cls_token is None:
@@ -208,6 +221,9 @@ def patch_embed(
     stride-P ``Conv2d``'s weight) plus ``bias`` [D]. Returns tokens [B, N, D], or [B, 1 + N, D] with
     the class token [1, 1, D] or [D] in row 0. The result has the images' dtype; ``weight`` must share
     it, ``bias``, ``cls_token`` and ``pos_embed`` may be any float dtype (added in fp32 on the kernel).
+    Under ``torch.autocast`` the images, weight and bias are cast to the autocast dtype, as Conv2d's
+    are, and the result has that dtype promoted with the class token's and the position table's (fp32
+    for fp32 parameters, as eager's ``cat`` and ``+`` give).
 
     ``pos_embed`` [1, R, D] or [R, D] is read by its row count R:
 
@@ -235,6 +251,8 @@ def patch_embed(
     >>> patch_embed(images, conv.weight, conv.bias, cls, pos).shape
     torch.Size([2, 197, 768])
     """
+    check_float("images", images)
+    images, weight, bias = autocast.operands(images.device, images, weight, bias)
     grid = _check_images_and_weight(images, weight)
     width = weight.shape[0]
     if bias is not None:
@@ -255,8 +273,10 @@ def patch_embed(
                                  f"{grid[0]}x{grid[1]}; pass resample_pos_embed=True to interpolate it")
             pos = _resample_grid(pos, old, grid)
 
+    out_dtype = autocast.result_dtype(images, cls_vec, cls_pos, pos)
     if kernel_path("patch_embed", images, bias, cls_vec, cls_pos, pos):
-        runtime.record_launch("patch_embed")
-        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos, channels_first)
-    out = _fallback(images, weight, bias, cls_vec, cls_pos, pos)
+        runtime.record_launch("patch_embed", images, weight)
+        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos, channels_first,
+                                                 out_dtype)
+    out = _fallback(images, weight, bias, cls_vec, cls_pos, pos, out_dtype or images.dtype)
     return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_first else out
