@@ -19,7 +19,12 @@ Both runs start from the same weights, see the same batches of scikit-learn's 8Ã
 * in both cases the loss must fall, and the vitfast run must launch every kernel, forward and
   backward (attention, the GEMM epilogues, LayerNorm, the patch embedding).
 
-Exit status 0 when all of that holds, 1 otherwise.
+With ``--amp`` both runs train under ``torch.autocast`` (bf16 on CUDA; fp16 on CPU, where Triton's
+interpreter computes fp16 dots exactly and bf16 ones wrongly), the parameters in fp32, fp16 with a
+``GradScaler``. Half-precision rounding moves single steps, so PyTorch also trains once without
+autocast, which measures how far autocast alone moves its curve: vitfast's may differ from PyTorch's
+autocast curve by at most twice that, plus ``--tolerance`` (default 1e-3). The GEMM, attention and
+patch-embedding kernels must receive their operands in the autocast dtype, forward and backward.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ from .convert import optimize
 # What a training step must launch on the kernels (forward and backward).
 KERNELS = ("attention", "attention_bwd", "linear_bwd", "layer_norm", "layer_norm_bwd", "patch_embed",
            "patch_embed_bwd")
+# What autocast computes in its half dtype (LayerNorm keeps the residual stream's fp32).
+HALF_OPS = ("attention", "attention_bwd", "linear", "linear_bwd", "mlp", "patch_embed", "patch_embed_bwd")
 
 
 @dataclass
@@ -45,19 +52,24 @@ class Curves:
     vitfast: list[float]
     kernels: dict[str, int]  # Triton launches per op over the vitfast run
     others: list[list[float]] = field(default_factory=list)  # PyTorch again, under other dropout seeds
+    fp32: list[float] | None = None  # with amp: PyTorch without autocast
+    dtypes: dict[str, set[torch.dtype]] = field(default_factory=dict)  # operand dtypes per op, vitfast run
 
     def max_rel_diff(self, window: int = 1, curve: list[float] | None = None) -> float:
         """Largest relative difference between the reference's and ``curve``'s (vitfast's) means over
         consecutive windows of steps."""
-        def means(c):
-            return [sum(c[i:i + window]) / len(c[i:i + window]) for i in range(0, len(c), window)]
-        other = self.vitfast if curve is None else curve
-        return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(means(self.reference), means(other)))
+        return _max_rel_diff(self.reference, self.vitfast if curve is None else curve, window)
 
     def noise(self, window: int) -> float:
-        """What dropout alone moves PyTorch's curve by: the largest ``max_rel_diff`` between the
-        reference and PyTorch's reruns under other dropout seeds (0 without reruns)."""
-        return max((self.max_rel_diff(window, c) for c in self.others), default=0.0)
+        """What dropout (PyTorch's reruns under other seeds) and autocast (PyTorch's fp32 run) alone
+        move PyTorch's curve by: the largest ``max_rel_diff`` between the reference and those runs
+        (0 without them)."""
+        runs = self.others + ([] if self.fp32 is None else [self.fp32])
+        return max((self.max_rel_diff(window, c) for c in runs), default=0.0)
+
+    def wide_kernels(self, amp_dtype: torch.dtype) -> list[str]:
+        """The half-precision ops (GEMMs, attention, patch embedding) that received other operands."""
+        return sorted(op for op, got in self.dtypes.items() if op in HALF_OPS and got != {amp_dtype})
 
     def missing_kernels(self) -> list[str]:
         return [k for k in KERNELS if not self.kernels.get(k)] + ([] if self.kernels.get("mlp") or
@@ -67,6 +79,17 @@ class Curves:
         k = max(1, len(self.reference) // 5)
         start, end = sum(self.reference[:k]) / k, sum(self.reference[-k:]) / k
         return end < 0.9 * start and sum(self.vitfast[-k:]) / k < 0.9 * sum(self.vitfast[:k]) / k
+
+
+def _max_rel_diff(base: list[float], other: list[float], window: int) -> float:
+    def means(c):
+        return [sum(c[i:i + window]) / len(c[i:i + window]) for i in range(0, len(c), window)]
+    return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(means(base), means(other)))
+
+
+def amp_dtype(device: str | torch.device) -> torch.dtype:
+    """What ``--amp`` trains in: bf16 on CUDA, fp16 on CPU (Triton's interpreter's bf16 dots are wrong)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
 
 
 def digits(img_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,11 +140,13 @@ def small_timm_vit(img_size: int, width: int, layers: int, heads: int, dropout: 
 
 def run(steps: int = 40, batch: int = 32, img_size: int = 16, width: int = 32, layers: int = 2, heads: int = 2,
         lr: float = 3e-3, seed: int = 0, device: str | torch.device = "cpu", dropout: float = 0.0,
-        drop_path: float = 0.0, model: str = "auto", patch_size: int = 4, reruns: int = 0) -> Curves:
+        drop_path: float = 0.0, model: str = "auto", patch_size: int = 4, reruns: int = 0,
+        amp: bool = False) -> Curves:
     """Train PyTorch's model and vitfast's copy side by side; ``model`` is "reference", "timm" or
     "auto" (timm when ``drop_path`` > 0). Both runs start from ``torch.manual_seed(seed)``. With
     ``reruns``, PyTorch also trains ``reruns`` more copies under seeds seed + 1, seed + 2, ... (the
-    same weights and batches, other dropout masks): how far dropout alone moves its curve."""
+    same weights and batches, other dropout masks): how far dropout alone moves its curve. With
+    ``amp`` every run trains under autocast (``amp_dtype(device)``) and PyTorch once more without."""
     device = torch.device(device)
     torch.manual_seed(seed)
     images, labels = digits(img_size, device)
@@ -136,26 +161,32 @@ def run(steps: int = 40, batch: int = 32, img_size: int = 16, width: int = 32, l
     ref_model = ref_model.to(device).train()
     fast_model = optimize(copy.deepcopy(ref_model), inplace=True)
     rerun_models = [copy.deepcopy(ref_model) for _ in range(reruns)]
+    fp32_model = copy.deepcopy(ref_model) if amp else None
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(device)
+    half = amp_dtype(device)
 
-    def train(model: nn.Module, rng_seed: int) -> list[float]:
+    def train(model: nn.Module, rng_seed: int, autocast: bool = amp) -> list[float]:
         torch.manual_seed(rng_seed)  # dropout and drop path draw from here
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast and half == torch.float16)
         losses = []
         for step in range(steps):
             idx = order[(step * batch) % len(order):][:batch]
-            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            with torch.autocast(device.type, dtype=half, enabled=autocast):
+                loss = F.cross_entropy(model(images[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
         return losses
 
     ref_losses = train(ref_model, seed)
     others = [train(m, seed + i + 1) for i, m in enumerate(rerun_models)]
-    with runtime.count_launches() as launches:
+    fp32_losses = None if fp32_model is None else train(fp32_model, seed, autocast=False)
+    with runtime.count_launches() as launches, runtime.launch_dtypes() as dtypes:
         fast_losses = train(fast_model, seed)
-    return Curves(ref_losses, fast_losses, dict(launches), others)
+    return Curves(ref_losses, fast_losses, dict(launches), others, fp32_losses, dict(dtypes))
 
 
 def main(args) -> int:
@@ -163,28 +194,43 @@ def main(args) -> int:
     stochastic = args.dropout > 0
     window = args.window if stochastic else 1
     model = args.model if args.model != "auto" else ("timm" if args.drop_path > 0 else "reference")
+    half = amp_dtype(device)
     print(f"train-check on {device} ({runtime.backend_name(device)}): {model} ViT width {args.width}, "
           f"{args.layers} layers, {args.heads} heads, dropout {args.dropout}, drop path {args.drop_path}, digits at "
-          f"{args.img_size}px, batch {args.batch}, {args.steps} AdamW steps", flush=True)
+          f"{args.img_size}px, batch {args.batch}, {args.steps} AdamW steps"
+          + (f", under {str(half).replace('torch.', '')} autocast" if args.amp else ""), flush=True)
     curves = run(steps=args.steps, batch=args.batch, img_size=args.img_size, width=args.width, layers=args.layers,
                  heads=args.heads, lr=args.lr, seed=args.seed, device=device, dropout=args.dropout,
                  drop_path=args.drop_path, model=model, patch_size=args.patch_size,
-                 reruns=args.reruns if stochastic else 0)
+                 reruns=args.reruns if stochastic else 0, amp=args.amp)
     noise = curves.noise(window)
-    tolerance = args.tolerance if args.tolerance is not None else (2 * noise if stochastic else 1e-3)
+    if args.amp:
+        tolerance = 2 * noise + (1e-3 if args.tolerance is None else args.tolerance)
+    else:
+        tolerance = args.tolerance if args.tolerance is not None else (2 * noise if stochastic else 1e-3)
     print(f"{'step':>4}  {'PyTorch loss':>12}  {'vitfast loss':>12}  {'rel. diff':>9}")
     for i, (a, b) in enumerate(zip(curves.reference, curves.vitfast)):
         print(f"{i:>4}  {a:>12.6f}  {b:>12.6f}  {abs(a - b) / max(abs(a), 1e-12):>9.2e}")
     print("Triton launches in the vitfast run: " +
           (", ".join(f"{k} {v}" for k, v in sorted(curves.kernels.items())) or "none (PyTorch fallback)"))
     diff, falls, missing = curves.max_rel_diff(window), curves.falls(), curves.missing_kernels()
-    ok = diff <= tolerance and falls and not missing
+    wide = curves.wide_kernels(half) if args.amp else []
+    ok = diff <= tolerance and falls and not missing and not wide
     what = "per step" if window == 1 else f"of {window}-step means (dropout masks differ from PyTorch's)"
     if stochastic:
-        print(f"PyTorch against its {len(curves.others)} reruns under other dropout seeds: max relative difference "
-              f"of {window}-step means {noise:.2e}")
+        print(f"PyTorch against its {len(curves.others)} reruns under other dropout seeds"
+              + (" and its fp32 run" if args.amp else "") + f": max relative difference of {window}-step means "
+              f"{noise:.2e}")
+    elif args.amp:
+        print(f"PyTorch under autocast against its fp32 run: max relative difference per step {noise:.2e}")
+    if args.amp:
+        print("operand dtypes in the vitfast run: " + "; ".join(
+            f"{op} {', '.join(sorted(str(d).replace('torch.', '') for d in got))}"
+            for op, got in sorted(curves.dtypes.items())))
     print(f"max relative difference {what} {diff:.2e} (tolerance {tolerance:.2e}); loss falls: {falls}; "
-          f"kernels that did not run: {', '.join(missing) or 'none'}; {'ok' if ok else 'FAIL'}")
+          f"kernels that did not run: {', '.join(missing) or 'none'}"
+          + (f"; kernels not fed {str(half).replace('torch.', '')}: {', '.join(wide) or 'none'}" if args.amp else "")
+          + f"; {'ok' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
@@ -211,6 +257,9 @@ def add_arguments(parser) -> None:
                         help="stochastic depth rate (timm's drop_path_rate; trains timm's ViT)")
     parser.add_argument("--model", choices=("auto", "reference", "timm"), default="auto",
                         help="the reference ViT (nn.TransformerEncoder) or timm's; auto: timm with --drop-path")
+    parser.add_argument("--amp", action="store_true",
+                        help="train both under torch.autocast (bf16 on CUDA, fp16 on CPU); PyTorch also trains once "
+                             "without it to measure what autocast alone moves the curve by")
     parser.add_argument("--window", type=int, default=10,
                         help="with dropout, compare the curves' means over windows of this many steps")
     parser.add_argument("--reruns", type=int, default=5,
@@ -218,4 +267,5 @@ def add_arguments(parser) -> None:
                              "dropout noise")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest relative difference allowed between the two curves (per step without "
-                             "dropout, default 1e-3; per window with dropout, default twice PyTorch's own)")
+                             "dropout, default 1e-3; per window with dropout, default twice PyTorch's own; with "
+                             "--amp added to twice what autocast moves PyTorch's curve, default 1e-3)")
