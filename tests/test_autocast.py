@@ -92,8 +92,21 @@ MODELS = {
 def test_optimized_model_under_autocast_matches_eager(name):
     """Forward and every gradient within the three-way bound of eager autocast (float64 without
     autocast the reference), the output in eager's dtype, the kernels fed half-precision operands."""
+    _check_against_eager(*MODELS[name]())
+
+
+@pytest.mark.gpu
+def test_vit_training_step_under_cuda_bf16_autocast():
+    """As people train: a ViT with 64-wide heads and 224 px images' 197 tokens under CUDA bf16 autocast."""
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA device")
+    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=256, depth=2, num_heads=4, num_classes=10,
+                              init_values=0.1)
+    _check_against_eager(model, torch.randn(4, 3, 224, 224))
+
+
+def _check_against_eager(model: nn.Module, x: torch.Tensor) -> None:
     require_triton_path()
-    model, x = MODELS[name]()
     model, x = _no_dropout(model), x.to(DEVICE)
     fast = vitfast.optimize(copy.deepcopy(model))
     upstream = torch.randn_like(model(x), dtype=torch.float64)
