@@ -86,11 +86,24 @@ def _ddp(model: nn.Module, device: torch.device, mesh) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class _BlocksModifiedInPlace(nn.Sequential):
+    """timm's blocks, each output then modified in place (``mul_(1)``: the same numbers), as training
+    code does: FSDP2 hooks a wrapped module's output for its backward, and a view returned there loses
+    that hook once modified in place (the parameters are then never gathered again)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x)
+            x.mul_(1.0)
+        return x
+
+
 def _fsdp2(model: nn.Module, device: torch.device, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
+    model.blocks.__class__ = _BlocksModifiedInPlace  # the parameters keep their names
     fully_shard(model, mesh=mesh)
     return model
 

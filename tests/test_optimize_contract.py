@@ -269,3 +269,26 @@ def test_pickle_and_deepcopy_round_trip(family, after_a_call):
         with torch.no_grad(), runtime.count_launches() as launches:
             _three_way(model, other, _logits, x)
         assert launches.get("attention") == DEPTH, launches
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_swapped_modules_return_fresh_tensors_where_the_originals_do(family):
+    """A swapped module returns a view only where the original does: a view returned from a module
+    that FSDP2 wraps loses its backward hook once the caller modifies it in place."""
+    model, fast = _pair(family)
+    swapped = [n for n, m in fast.named_modules() if n and type(m) is not type(model.get_submodule(n))]
+    outermost = [n for n in swapped if not any(n.startswith(o + ".") for o in swapped)]
+    assert outermost, "nothing was swapped"
+    views = {}
+    for tag, m in (("original", model), ("vitfast", fast)):
+        for name in outermost:
+            def record(_module, _args, out, key=(tag, name)):
+                views[key] = [t._is_view() for t in (out if isinstance(out, tuple) else (out,))
+                              if isinstance(t, torch.Tensor)]
+            m.get_submodule(name).register_forward_hook(record)
+        with torch.no_grad():
+            m(_images())
+    for name in outermost:
+        fast_views, original_views = views["vitfast", name], views["original", name]
+        assert len(fast_views) == len(original_views), (name, views)
+        assert not any(f and not o for f, o in zip(fast_views, original_views)), (name, views)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..ops._layout import as_result
 from ..ops.patch_embed import patch_embed
 from ._fused import Fused, Unfusable, original_class
 from ._share import share_as
@@ -75,7 +76,7 @@ class PatchConv2d(Fused, nn.Conv2d):
         # [B, N, D], stored [B, D, N]
         tokens = patch_embed(fusable_images(input, self.weight), self.weight, self.bias, channels_first=True)
         b, _, h, w = input.shape
-        return tokens.transpose(1, 2).view(b, self.out_channels, h // p, w // p)
+        return as_result(tokens.transpose(1, 2), (b, self.out_channels, h // p, w // p))  # not a view, as Conv2d's
 
 
 class PatchEmbedding(Fused, reference.PatchEmbedding):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
-from ._layout import as_rows
+from ._layout import as_result, as_rows
 from ._linear_args import TORCH_ACTIVATIONS, activation_name, check_input, check_layer, kernel_path_for
 from ._random import check_dropout_p, draw_seed, keep_scale
 from ._trace import fx_traceable
@@ -197,5 +197,5 @@ def gated_linear(
         seed = draw_seed(x.device) if p > 0.0 else None  # outside the custom op: compiled graphs draw it too
         y, _ = torch.ops.vitfast.gated_linear_fwd(as_rows(x, x.shape[-1]), gate_weight, gate_bias, value_weight,
                                                   value_bias, act, store_preact, p, seed)
-        return y.view(*x.shape[:-1], hidden)
+        return as_result(y, (*x.shape[:-1], hidden))
     return _fallback(x, gate_weight, gate_bias, value_weight, value_bias, act, p)

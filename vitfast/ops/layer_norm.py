@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import runtime
 from . import _autocast as autocast
 from ._dispatch import kernel_path
-from ._layout import as_rows
+from ._layout import as_result, as_rows
 from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
 
@@ -182,8 +182,8 @@ def layer_norm(
                 as_rows(x, width), weight, bias, float(eps),
                 None if residual is None else as_rows(residual, width),
                 runtime.needs_autograd(x, weight, bias, residual))
-            y = y.view(x.shape)
-            return y if residual is None else (y, s.view(x.shape))
+            y = as_result(y, x.shape)
+            return y if residual is None else (y, as_result(s, x.shape))
 
     if residual is None:
         return _fallback(x, weight, bias, eps)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
-from ._layout import as_rows
+from ._layout import as_result, as_rows
 from ._linear_args import (
     activation_name, check_input, check_layer, check_residual, check_row_scale, check_scale, fallback,
     kernel_path_for, row_vector,
@@ -250,7 +250,7 @@ def linear(
         runtime.record_launch("linear", x, weight)
         y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale, p, row_vector(row_scale, x),
                     autocast.result_dtype(x, residual, scale, row_scale))
-        return y.view(*x.shape[:-1], out_width)
+        return as_result(y, (*x.shape[:-1], out_width))
     return fallback(x, weight, bias, act, residual, scale, p, row_scale)
 
 
@@ -305,6 +305,6 @@ def mlp(
         h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None, None, hidden_p)
         y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_vector(row_scale, x),
                     autocast.result_dtype(x, residual, scale, row_scale))
-        return y.view(*x.shape[:-1], out_width)
+        return as_result(y, (*x.shape[:-1], out_width))
     h = fallback(x, fc1_weight, fc1_bias, act, None, None, hidden_p)
     return fallback(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_scale)
