@@ -47,7 +47,7 @@ def test_optimize_open_clip_vision_tower(variant, dtype):
         pt_model = _to(model, dtype)
         pt = pt_model(x)
         fast = vitfast.optimize(_to(model, dtype))
-        norm = "FusedLayerNormFp32" if variant == "layer_norm_fp32" else "FusedLayerNorm"
+        norm = "FusedLayerNormFp32" if variant == "layer_norm_fp32" else "FusedOpenClipLayerNorm"
         assert fast.vitfast_report.counts() == {"PatchConv2d": 1, "FusedOpenClipBlock": DEPTH, norm: 2 + 2 * DEPTH}, \
             str(fast.vitfast_report)
         with runtime.count_launches() as launches:

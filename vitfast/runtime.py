@@ -59,13 +59,20 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 
 
 @contextmanager
-def launching(device: torch.device) -> Iterator[None]:
-    """Wrap every kernel launch on tensors of ``device``.
+def launching(device: torch.device, dot_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Wrap every kernel launch on tensors of ``device``; ``dot_dtype``: the dtype the kernels feed
+    to ``tl.dot``, if they do.
 
     CPU tensors run in Triton's interpreter, whose state is global: two threads launching at once
-    corrupt each other's kernels, so launches take a lock (one at a time). CUDA tensors take no lock;
-    their device is made current when it is not, since Triton launches on the current device.
+    corrupt each other's kernels, so launches take a lock (one at a time). Its bf16 dots are wrong:
+    the public ops take PyTorch for them, and a direct call of a custom op (an exported graph run
+    under CPU bf16 autocast, say) raises rather than computing a wrong result. CUDA tensors take no
+    lock; their device is made current when it is not, since Triton launches on the current device.
     """
+    if device.type == "cpu" and dot_dtype == torch.bfloat16:
+        raise RuntimeError("vitfast's kernels on CPU tensors run in Triton's interpreter, whose bfloat16 dots are "
+                           "wrong: call the vitfast.ops functions (which compute bfloat16 with PyTorch on the "
+                           "CPU), or use float16 or float32")
     if device.type == "cpu":
         with _interpreter_lock:
             yield

@@ -46,7 +46,16 @@ def fp32_norm_reason(norm: nn.Module, x: Tensor) -> str | None:
     return None
 
 
-class FusedLayerNormFp32(FusedLayerNorm):
+class FusedOpenClipLayerNorm(FusedLayerNorm):
+    """open_clip's ``LayerNorm``: the result cast back to the input's dtype, as open_clip casts it (under
+    CUDA autocast, whose ``layer_norm`` computes in fp32, a half-precision stream stays half)."""
+
+    def _fused_forward(self, input: Tensor, residual: Tensor | None = None):
+        out = super()._fused_forward(input, residual)
+        return out.to(input.dtype) if residual is None else (out[0].to(out[1].dtype), out[1])
+
+
+class FusedLayerNormFp32(FusedOpenClipLayerNorm):
     """open_clip's ``LayerNormFp32`` on the LayerNorm kernel, which computes in fp32 and rounds once,
     as it does; other inputs or parameters run its own forward."""
 
@@ -121,6 +130,6 @@ RULES = [
     # VisionTransformer._embeds reshapes and permutes conv1's output to tokens, which PatchConv2d's view allows.
     Rule((location(nn.Conv2d),), patch_conv_reason, PatchConv2d, parent=(VISION_TRANSFORMER, "conv1")),
     Rule((BLOCK,), block_reason, FusedOpenClipBlock),
-    Rule((LAYER_NORM,), layer_norm_reason, FusedLayerNorm),
+    Rule((LAYER_NORM,), layer_norm_reason, FusedOpenClipLayerNorm),
     Rule((LAYER_NORM_FP32,), layer_norm_reason, FusedLayerNormFp32),
 ]

@@ -8,12 +8,20 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..ops._autocast import lower_dtype
 from ._fused import Unfusable
 
 if TYPE_CHECKING:
     from ._block import BlockWeights
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_fits(t: Tensor, x: Tensor) -> bool:
+    """Whether the ops compute with weight ``t`` on input ``x`` as PyTorch would: the same dtype, or
+    any kernel dtype under autocast, which casts both to its own (a half residual stream, as open_clip
+    makes under autocast, meeting fp32 weights)."""
+    return t.dtype == x.dtype or (t.dtype in KERNEL_DTYPES and lower_dtype(x.device.type) is not None)
 
 
 def _shape_reason(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor, same_dtype: bool) -> str | None:
@@ -23,7 +31,7 @@ def _shape_reason(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor
         return f"{name} has shape {tuple(t.shape)}, expected {shape}"
     if t.device != x.device:
         return f"{name} is on {t.device} but the input is on {x.device}"
-    if t.dtype != x.dtype if same_dtype else not t.is_floating_point():
+    if not dtype_fits(t, x) if same_dtype else not t.is_floating_point():
         return f"{name} is {t.dtype}; the input is {x.dtype}"
     return None
 

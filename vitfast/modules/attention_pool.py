@@ -22,7 +22,7 @@ from ..ops.attention import attention_qkv
 from ..ops.layer_norm import layer_norm
 from ..ops.linear import linear
 from ._block import Norm, mlp_branch
-from ._block_checks import KERNEL_DTYPES
+from ._block_checks import KERNEL_DTYPES, dtype_fits
 from ._drops import NONE, Drops
 from ._fused import Unfusable
 
@@ -59,7 +59,7 @@ def pool_input_reason(x: object, w: PoolWeights, key_padding_mask: Tensor | None
         return "the MLP's activation is not one the kernels fuse"
     tensors = (w.latent, w.q_weight, w.q_bias, w.kv_weight, w.kv_bias, w.proj_weight, w.proj_bias, w.fc1_weight,
                w.fc1_bias, w.fc2_weight, w.fc2_bias)
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in tensors):
+    if any(t is not None and (not dtype_fits(t, x) or t.device != x.device) for t in tensors):
         return f"the head's weights are not all {x.dtype} on {x.device}"
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != x.device
                                          or tuple(key_padding_mask.shape) != tuple(x.shape[:2])):

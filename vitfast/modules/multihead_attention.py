@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..ops.attention import attention
 from ..ops.linear import linear
 from ._block import linear_params, param
+from ._block_checks import dtype_fits
 from ._drops import live
 from ._fused import Fused, Unfusable
 from ._share import share_as
@@ -67,7 +68,7 @@ def _input_reason(mha: nn.MultiheadAttention, x: Tensor) -> str | None:
         return f"input width {x.shape[-1]} is not embed_dim {mha.embed_dim}"
     for name, t in (("in_proj_weight", param(mha, "in_proj_weight")), ("in_proj_bias", param(mha, "in_proj_bias")),
                     *zip(("out_proj.weight", "out_proj.bias"), linear_params(mha.out_proj))):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+        if t is not None and (not dtype_fits(t, x) or t.device != x.device):
             return f"{name} is {t.dtype} on {t.device}; the input is {x.dtype} on {x.device}"
     return None
 

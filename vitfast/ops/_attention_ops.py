@@ -49,7 +49,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, a
     shape = (B, N, H * d) if tokens_major else (B, H, N, d)  # tokens-major is ready for the out-projection
     out = runtime.empty(*shape, dtype=q.dtype, device=q.device)
     lse = runtime.empty(B, H, N, dtype=torch.float32, device=q.device)
-    with runtime.launching(q.device):
+    with runtime.launching(q.device, q.dtype):
         attention_fwd(q, k, v, _heads(out, H), lse, key_padding_mask, attn_mask, scale, is_causal,
                       _kernel_rope(rope, rope_prefix, rope_half), dropout_p=dropout_p, seed=seed)
     return out, lse
@@ -65,7 +65,7 @@ def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, 
     runtime.record_launch("attention_bwd", dout, q, k, v)
     H = q.shape[1]
     dlse = None if dlse is None else dlse.float().contiguous()
-    with runtime.launching(q.device):
+    with runtime.launching(q.device, q.dtype):
         attention_bwd(q, k, v, _heads(out, H), _unit_last(_heads(dout, H)), lse, dlse, dq, dk, dv,
                       key_padding_mask, attn_mask, scale, is_causal, _kernel_rope(rope, rope_prefix, rope_half),
                       dropout_p=dropout_p, seed=seed)

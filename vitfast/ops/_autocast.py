@@ -45,13 +45,7 @@ def result_dtype(x: Tensor, *added: Tensor | None) -> torch.dtype | None:
     """Under autocast, the dtype of eager's ``op(x) ⊙/+ added...``: ``x``'s (the autocast dtype after
     ``operands``) promoted with each tensor the op combines with its result (a residual, a scale, the
     class token); None without autocast or when that is ``x``'s own dtype."""
-    if lower_dtype(x.device.type) is None:
-        return None
-    dtype = x.dtype
-    for t in added:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return None if dtype == x.dtype else dtype
+    return None if lower_dtype(x.device.type) is None else _promoted(x.dtype, *added)
 
 
 def layer_norm_inputs(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -67,10 +61,16 @@ def _policy_dtype(device_type: str, policy: str) -> torch.dtype | None:
     return torch.float32 if device_type == "cuda" else None  # "layer_norm"
 
 
-def register(op: str, cast_args: tuple[int, ...], policy: str = "lower") -> None:
+def register(op: str, cast_args: tuple[int, ...], policy: str = "lower",
+             result: tuple[int, tuple[int, ...]] | None = None) -> None:
     """Register ``vitfast::<op>``'s autocast rule on CPU and CUDA: the positional arguments
     ``cast_args`` are cast (``policy`` "lower": to the autocast dtype; "layer_norm": to float32 on
-    CUDA only), then the op runs with autocast off, as PyTorch's own autocast kernels do."""
+    CUDA only), then the op runs with autocast off, as PyTorch's own autocast kernels do.
+    ``result`` = (index of the op's ``out_dtype`` argument, indices of the tensors its result is
+    combined with): when the caller leaves ``out_dtype`` None, it is set to eager's promoted dtype
+    (see ``result_dtype``), as the public ops pass it."""
+    schema = getattr(torch.ops.vitfast, op).default._schema
+    defaults = [a.default_value if a.has_default_value() else None for a in schema.arguments]
     for device_type in DEVICE_TYPES:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
@@ -78,11 +78,25 @@ def register(op: str, cast_args: tuple[int, ...], policy: str = "lower") -> None
         def kernel(_keyset, *args, _device_type=device_type, _excluded=excluded):
             dtype = _policy_dtype(_device_type, policy)
             if dtype is not None:
-                args = tuple(_cast(a, dtype) if i in cast_args else a for i, a in enumerate(args))
+                args = [_cast(a, dtype) if i in cast_args else a for i, a in enumerate(args)]
+                if result is not None:
+                    args += defaults[len(args):]
+                    out, added = result
+                    if args[out] is None:
+                        args[out] = _promoted(args[0].dtype, *(args[i] for i in added))
             with torch._C._ExcludeDispatchKeyGuard(_excluded):
                 return getattr(torch.ops.vitfast, op)(*args)
 
         _LIBRARY.impl(op, kernel, key_name, with_keyset=True)
+
+
+def _promoted(dtype: torch.dtype, *added: Tensor | None) -> torch.dtype | None:
+    """``dtype`` promoted with each tensor's; None when that is ``dtype`` itself."""
+    out = dtype
+    for t in added:
+        if t is not None:
+            out = torch.promote_types(out, t.dtype)
+    return None if out == dtype else out
 
 
 _LIBRARY = torch.library.Library("vitfast", "IMPL")

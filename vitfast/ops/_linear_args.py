@@ -102,10 +102,11 @@ def row_vector(row_scale: Tensor | None, x: Tensor) -> Tensor | None:
     return row_scale.detach().to(torch.float32).expand(x.shape[:-1]).reshape(-1).contiguous()
 
 
-def kernel_path_for(op: str, x: Tensor, out_width: int, scale: Tensor | None) -> bool:
+def kernel_path_for(op: str, x: Tensor, out_width: int, *others: Tensor | None) -> bool:
     """Whether the Triton kernels take this call, forward and backward (else the PyTorch fallback);
-    weights, biases and the residual share ``x``'s dtype, the scale may differ."""
-    return out_width > 0 and kernel_path(op, x, scale)
+    weights and biases share ``x``'s dtype, the other tensors the kernel reads (scale, residual, row
+    factor) may differ — a float64 one among them takes PyTorch too."""
+    return out_width > 0 and kernel_path(op, x, *others)
 
 
 def fallback(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, residual: Tensor | None,

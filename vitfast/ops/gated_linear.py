@@ -33,7 +33,7 @@ def _gated_linear_fwd(
     M, H = x.shape[0], gate_weight.shape[0]
     y = runtime.empty(M, H, dtype=x.dtype, device=x.device)
     z = runtime.empty(M, 2 * H, dtype=x.dtype, device=x.device) if store_preact else None
-    with runtime.launching(x.device):
+    with runtime.launching(x.device, x.dtype):
         gated_linear_fwd(x, gate_weight, gate_bias, value_weight, value_bias, activation, y, z, seed, dropout_p,
                          keep_scale(dropout_p))
     return y, x.new_empty(0) if z is None else z
@@ -108,7 +108,7 @@ def _gated_linear_bwd(
     first = 0 if compute_dgate_weight else H
     last = 2 * H if compute_dvalue_weight else H
     dx = dw = db = None
-    with runtime.launching(dy.device):
+    with runtime.launching(dy.device, dy.dtype):
         dz = runtime.empty(M, 2 * H, dtype=dy.dtype, device=dy.device)
         gated_epilogue_bwd(dy, z, activation, dz, seed, dropout_p, keep_scale(dropout_p))
         if compute_dx:

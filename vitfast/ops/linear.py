@@ -41,7 +41,7 @@ def _linear_fwd(
     M, N = x.shape[0], weight.shape[0]
     y = runtime.empty(M, N, dtype=out_dtype or _out_dtype(x, residual), device=x.device)
     z = runtime.empty(M, N, dtype=x.dtype, device=x.device) if store_preact else None
-    with runtime.launching(x.device):
+    with runtime.launching(x.device, x.dtype):
         linear_fwd(x, weight, bias, residual, activation, y, z, scale, seed, dropout_p, keep_scale(dropout_p),
                    row_scale)
     return y, x.new_empty(0) if z is None else z
@@ -59,7 +59,7 @@ def _out_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-autocast.register("linear_fwd", cast_args=(0, 1, 2))
+autocast.register("linear_fwd", cast_args=(0, 1, 2), result=(10, (3, 6)))
 
 
 def _needs_scale_grad(ctx) -> bool:
@@ -131,7 +131,7 @@ def _linear_bwd(
     dz = dy
     elementwise = (activation != "none" or scale is not None or compute_dscale or seed is not None
                    or row_scale is not None)
-    with runtime.launching(dy.device):
+    with runtime.launching(dy.device, dtype):
         if elementwise:
             dz = runtime.empty(M, N, dtype=dtype, device=dy.device) if need_dz else None
             dscale = epilogue_bwd(dy, z, scale, activation, dz, compute_dscale, seed, dropout_p,
@@ -176,10 +176,11 @@ def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str, re
                                         row_scale, out_dtype)[0]
 
 
-def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None, row_scale: Tensor | None) -> bool:
+def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None, residual: Tensor | None,
+                 row_scale: Tensor | None) -> bool:
     """The kernels' test, plus: they do not differentiate the row factor (a constant per sample in
     stochastic depth), so a row_scale that needs a gradient takes PyTorch."""
-    if not kernel_path_for(op, x, out_width, scale):
+    if not kernel_path_for(op, x, out_width, scale, residual, row_scale):
         return False
     if runtime.needs_autograd(row_scale):
         runtime.warn_once(f"{op}:row_scale_grad", f"vitfast.{op}: the kernels do not compute gradients with "
@@ -246,7 +247,7 @@ def linear(
     check_row_scale(x, row_scale)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, scale=scale, row_scale=row_scale)
 
-    if _kernel_path("linear", x, out_width, scale, row_scale):
+    if _kernel_path("linear", x, out_width, scale, residual, row_scale):
         runtime.record_launch("linear", x, weight)
         y = _launch(as_rows(x, x.shape[-1]), weight, bias, act, residual, scale, p, row_vector(row_scale, x),
                     autocast.result_dtype(x, residual, scale, row_scale))
@@ -300,7 +301,7 @@ def mlp(
     check_same_device(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                       fc2_bias=fc2_bias, residual=residual, scale=scale, row_scale=row_scale)
 
-    if hidden > 0 and _kernel_path("mlp", x, out_width, scale, row_scale):
+    if hidden > 0 and _kernel_path("mlp", x, out_width, scale, residual, row_scale):
         runtime.record_launch("mlp", x, fc1_weight, fc2_weight)
         h = _launch(as_rows(x, x.shape[-1]), fc1_weight, fc1_bias, act, None, None, hidden_p)
         y = _launch(h, fc2_weight, fc2_bias, "none", residual, scale, p, row_vector(row_scale, x),

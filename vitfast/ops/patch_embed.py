@@ -32,7 +32,7 @@ def _patch_embed_fwd(
     # The kernel stores through the output's strides: channel-major is the same launch.
     out = (runtime.empty(B, D, T, dtype=dtype, device=images.device).transpose(1, 2) if channels_first
            else runtime.empty(B, T, D, dtype=dtype, device=images.device))
-    with runtime.launching(images.device):
+    with runtime.launching(images.device, images.dtype):
         patch_embed_fwd(images, weight, bias, cls_token, cls_pos, pos, out)
     return out
 
@@ -47,7 +47,8 @@ def _(images, weight, bias, cls_token, cls_pos, pos, channels_first=False, out_d
             else images.new_empty(B, T, D, dtype=dtype))
 
 
-autocast.register("patch_embed_fwd", cast_args=(0, 1, 2))  # conv2d's operands, as autocast casts them
+# conv2d's operands cast, as autocast casts them; the tokens promoted with the class token and positions.
+autocast.register("patch_embed_fwd", cast_args=(0, 1, 2), result=(7, (3, 4, 5)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -98,7 +99,7 @@ def _patch_embed_bwd(
     runtime.record_launch("patch_embed_bwd", dtokens, images, weight)
     dimages = _grad_buffer(images) if compute_dimages else None
     dweight = _grad_buffer(weight) if compute_dweight else None
-    with runtime.launching(images.device):
+    with runtime.launching(images.device, images.dtype):
         patch_embed_bwd(dtokens, images, weight, dimages, dweight)
     return (images.new_empty(0) if dimages is None else dimages,
             weight.new_empty(0) if dweight is None else dweight)
