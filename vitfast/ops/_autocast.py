@@ -37,8 +37,7 @@ def _cast(t: object, dtype: torch.dtype) -> object:
 def operands(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """``tensors`` as a lower-precision op under autocast on ``device`` receives them (unchanged
     without autocast)."""
-    dtype = lower_dtype(device.type)
-    return tensors if dtype is None else tuple(_cast(t, dtype) for t in tensors)
+    return _as_policy(device, "lower", tensors)
 
 
 def result_dtype(x: Tensor, *added: Tensor | None) -> torch.dtype | None:
@@ -50,9 +49,12 @@ def result_dtype(x: Tensor, *added: Tensor | None) -> torch.dtype | None:
 
 def layer_norm_inputs(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """``tensors`` as ``layer_norm`` receives them under autocast: float32 on CUDA, unchanged on CPU."""
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return tuple(_cast(t, torch.float32) for t in tensors)
-    return tensors
+    return _as_policy(device, "layer_norm", tensors)
+
+
+def _as_policy(device: torch.device, policy: str, tensors: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    dtype = None if lower_dtype(device.type) is None else _policy_dtype(device.type, policy)
+    return tensors if dtype is None else tuple(_cast(t, dtype) for t in tensors)
 
 
 def _policy_dtype(device_type: str, policy: str) -> torch.dtype | None:
