@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._random import GEMM, keep_mask
+from vitfast.kernels._random import GEMM, keep_mask
 from vitfast import runtime
 from vitfast.ops._random import draw_seed
 from vitfast.ops.linear import linear, mlp
