@@ -42,8 +42,9 @@ def pooling_head_reason(head: nn.Module) -> str | None:
 
 def _padding(attention_mask: object, x: object) -> Tensor | None:
     """transformers' 2-D padding mask (1 = token, 0 = padding) as the kernel's key padding mask.
-    transformers adds finfo.min where the mask is 0, so an image that is all padding attends (almost
-    uniformly) to every token; the kernel would give zeros there, so such a call runs transformers' code."""
+    For an image that is all padding transformers' answer depends on its release (up to 5.24 an additive
+    finfo.min mask attends almost uniformly to every token; from 5.25 ``nn.MultiheadAttention``'s
+    ``key_padding_mask`` gives NaN) and the kernel's would be zeros, so such a call runs transformers' code."""
     if attention_mask is None:
         return None
     if not (isinstance(attention_mask, Tensor) and isinstance(x, Tensor)
@@ -63,8 +64,9 @@ class FusedHFAttentionPoolingHead(Fused):
         return pooling_head_reason(self)
 
     def _vitfast_declines(self, hidden_state: Tensor, attention_mask: Tensor | None = None) -> bool:
-        # SigLIP 2 builds the head's mask for its attention implementation, and none at all when the
-        # implementation is unset (a head built outside a model); the kernel reproduces sdpa's and eager's.
+        # Up to transformers 5.24 SigLIP 2 builds the head's mask for its attention implementation, and
+        # none at all when the implementation is unset (a head built outside a model); the kernel
+        # reproduces sdpa's and eager's. (5.25 masks every implementation alike.)
         config = self.__dict__.get("config")
         return attention_mask is not None and getattr(config, "_attn_implementation", None) not in ("sdpa", "eager")
 
