@@ -251,3 +251,65 @@ def test_encoder_state_dict_round_trip_and_constructor():
     with torch.no_grad():
         assert_parity(fast(x), ref(x), copy.deepcopy(ref).double()(x.double()))
         torch.testing.assert_close(again(x), ref(x))
+
+
+class _UserLayer(vitfast.FastTransformerEncoderLayer):
+    """A user's subclass that adds a method and changes nothing the forward reads."""
+
+    def width(self) -> int:
+        return self.linear1.in_features
+
+
+class _DoubledFeedForward(vitfast.FastTransformerEncoderLayer):
+    """A user's subclass that redefines a method of nn.TransformerEncoderLayer's forward."""
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class _TorchDoubledFeedForward(nn.TransformerEncoderLayer):
+    _ff_block = _DoubledFeedForward._ff_block
+
+
+@pytest.mark.parametrize("inside_encoder", [False, True], ids=["layer", "in-nn.TransformerEncoder"])
+@pytest.mark.parametrize("cls", [vitfast.FastTransformerEncoderLayer, _UserLayer])
+def test_jit_script_of_fast_layer_and_user_subclass(cls, inside_encoder):
+    """torch.jit.script compiles PyTorch's forward for vitfast's layer and a user's subclass of it, alone
+    or inside a plain nn.TransformerEncoder, and leaves the scripted model itself running the kernels."""
+    require_triton_path()
+    torch_layer = _layer(norm_first=True).eval()
+    layer = cls.from_torch(torch_layer).eval()
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval() if inside_encoder else layer
+    reference = (nn.TransformerEncoder(torch_layer, 2, enable_nested_tensor=False).eval() if inside_encoder
+                 else torch_layer)
+    x = _x(True, torch.float32)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        ref = copy.deepcopy(reference).double()(x.double())
+        pt = reference(x)
+        assert_parity(scripted(x), pt, ref)
+        with runtime.count_launches() as launches:
+            assert_parity(model(x), pt, ref)
+    assert launches.get("attention") == (2 if inside_encoder else 1), launches
+    layers = model.layers if inside_encoder else [model]
+    assert all(type(m) is cls for m in layers)
+
+
+def test_user_subclass_redefining_a_forward_method_runs_pytorch_forward():
+    """The fused path skips _ff_block: a subclass that redefines it gets PyTorch's forward, with a warning,
+    computing what its own definition says."""
+    require_triton_path()
+    torch_layer = _layer().eval()
+    reference = copy.deepcopy(torch_layer)
+    reference.__class__ = _TorchDoubledFeedForward
+    layer = _DoubledFeedForward.from_torch(torch_layer).eval()
+    x = _x(True, torch.float32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="redefines TransformerEncoderLayer._ff_block"):
+        with runtime.count_launches() as launches:
+            out = layer(x)
+        ref = copy.deepcopy(reference).double()(x.double())
+        assert_parity(out, reference(x), ref)
+    assert "attention" not in launches, launches
+    scripted = torch.jit.script(layer)
+    with torch.no_grad():
+        assert_parity(scripted(x), reference(x), ref)

@@ -28,7 +28,7 @@ import copy
 from torch import nn
 
 from ..modules import _fused
-from ..modules._fused import Fused, UnfusedForScripting
+from ..modules._fused import Fused
 from . import huggingface, open_clip, pytorch, timm, timm_eva, timm_pool, torchvision
 from .report import Entry, Report, add_left_alone
 from .rules import Rule
@@ -52,8 +52,8 @@ def _bypasses(module: nn.Module, child: str) -> bool:
 
 
 def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, report: Report,
-          bypassed: bool = False) -> bool:
-    """Convert ``module`` and everything below it; True when a stand-in now sits at or below it.
+          bypassed: bool = False) -> None:
+    """Convert ``module`` and everything below it.
     ``bypassed``: a stand-in above ``module`` runs it itself (its checks read the classes below it)."""
     rule = next((r for r in RULES if (r.inside_fused or not bypassed) and r.matches(module, parent, name)), None)
     if isinstance(module, Fused):  # swapped by an earlier optimize, or built as vitfast's: left as it is
@@ -68,15 +68,10 @@ def _walk(module: nn.Module, parent: nn.Module | None, name: str, path: str, rep
             report.swapped.append(Entry(path, kind, rule.stand_in.__name__))
         else:
             report.skipped.append(Entry(path, _name(type(module)), reason))
-    below = False
     for child_name, child in list(module._modules.items()):
         if child is not None:
-            below |= _walk(child, module, child_name, f"{path}.{child_name}" if path else child_name, report,
-                           bypassed or _bypasses(module, child_name))
-    if below and not isinstance(module, Fused) and not hasattr(type(module), "__prepare_scriptable__"):
-        # torch.jit.script replaces children in place with their scriptable form: script a copy instead.
-        module.__prepare_scriptable__ = UnfusedForScripting(module)
-    return below or isinstance(module, Fused)
+            _walk(child, module, child_name, f"{path}.{child_name}" if path else child_name, report,
+                  bypassed or _bypasses(module, child_name))
 
 
 def optimize(model: nn.Module, inplace: bool = True) -> nn.Module:

@@ -14,8 +14,9 @@ exact for this call, and otherwise runs the original class's forward on the same
   other tracers (feature extraction, Hugging Face's) trace the original forward, so they see the
   structure they would have seen before ``optimize``.
 
-``torch.jit.script`` is handed an unfused copy (``__prepare_scriptable__``): PyTorch's own modules,
-sharing the parameters. Stand-in classes made for third-party classes are named so that pickle finds
+``torch.jit.script`` compiles a stand-in as it compiles the original: its ``forward`` leads to the
+original's source and globals, and its class shows the original's annotations; the module scripted is
+the user's own, left as it is. Stand-in classes made for third-party classes are named so that pickle finds
 them again in a fresh process (``__getattr__`` below).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import operator
+import types
 from typing import Callable
 
 import torch
@@ -83,6 +85,26 @@ def bypass_reason(module: nn.Module, children: tuple[str, ...],
         if not _no_hooks(state, honours):
             return f"hooks are registered on {path}"
         stack.extend((f"{path}.{k}", c) for k, c in state["_modules"].items())
+    return None
+
+
+# Methods of an original class that its forward does not reach.
+_NOT_IN_FORWARD = frozenset({"forward", "extra_repr", "reset_parameters", "_reset_parameters"})
+
+
+@functools.cache
+def override_reason(cls: type) -> str | None:
+    """Why a subclass of a stand-in class (a user's subclass of ``FastTransformerEncoderLayer``, say)
+    may not run the fused path: it redefines a method of the original that the original's forward may
+    call (``_sa_block``), which the fused path would skip. ``forward`` itself is the subclass's to run."""
+    base = next(c for c in cls.__mro__ if "_vitfast_original" in c.__dict__)
+    original = base._vitfast_original
+    methods = {name for c in original.__mro__[:original.__mro__.index(nn.Module)] for name, v in vars(c).items()
+               if callable(v) and not name.startswith("__") and name not in _NOT_IN_FORWARD}
+    for c in cls.__mro__[:cls.__mro__.index(base)]:
+        redefined = sorted(methods.intersection(vars(c)))
+        if redefined:
+            return f"{c.__name__} redefines {original.__name__}.{redefined[0]}, which the fused path does not call"
     return None
 
 
@@ -156,6 +178,9 @@ class Fused:
         if original is not None:
             # Before super(): transformers wraps each layer class's forward for gradient checkpointing.
             cls.forward = _signed_as(original)
+            # torch.jit.script types attributes by the annotations an instance finds first in its
+            # class's MRO: the original's, not those of Fused (timm's PatchEmbed declares an enum there).
+            cls.__annotations__ = _annotations(original)
         super().__init_subclass__(**kwargs)
         # vitfast's own classes, by name, for pickle (not the per-original classes, nor user subclasses).
         if cls.__module__.startswith("vitfast.") and cls.__module__ != __name__:
@@ -197,11 +222,13 @@ class Fused:
         """Why the fused path may not run now, whatever the inputs; None when it may."""
         children = tuple(self._modules) if self._vitfast_bypasses is None else self._vitfast_bypasses
         if torch.compiler.is_compiling():  # checked once while tracing; the compiler guards on what it read
-            return bypass_reason(self, children, self._vitfast_honours) or self._vitfast_unsupported()
+            return (bypass_reason(self, children, self._vitfast_honours) or override_reason(type(self))
+                    or self._vitfast_unsupported())
         plan = self.__dict__.get("_vitfast_plan")
         if plan is not None and plan.holds(self, children):
             return None
-        reason = bypass_reason(self, children, self._vitfast_honours) or self._vitfast_unsupported()
+        reason = (bypass_reason(self, children, self._vitfast_honours) or override_reason(type(self))
+                  or self._vitfast_unsupported())
         plan = self.__dict__["_vitfast_plan"] = None if reason is not None else Plan(self, children)
         if plan is not None:
             plan.seal(self)
@@ -216,9 +243,6 @@ class Fused:
         if records and tracer.root is not self:
             return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
         return self._vitfast_fallback(*args, **kwargs)
-
-    def __prepare_scriptable__(self):
-        return unfused_copy(self)
 
     def __getstate__(self):
         # The cached plan holds the forward functions of classes made at run time, which pickle
@@ -238,49 +262,27 @@ def _functorch_level():
     return torch._C._functorch.maybe_current_level()
 
 
+def _annotations(cls: type) -> dict:
+    """The class annotations an instance of ``cls`` sees (those of the first class in its MRO with any)."""
+    for c in cls.__mro__:
+        if "__annotations__" in c.__dict__ or "__annotate__" in c.__dict__:
+            return dict(c.__annotations__)
+    return {}
+
+
 def _signed_as(original: type):
     """``Fused.forward`` under ``original.forward``'s name and signature (``inspect.signature``,
-    ``torch.fx`` and tracers that bind arguments by name read it through ``__wrapped__``)."""
-    @functools.wraps(original.forward)
+    ``torch.fx`` and tracers that bind arguments by name read it through ``__wrapped__``).
+    ``torch.jit.script`` compiles the source it finds there, the original's, in the globals of the
+    function it is given: those are the original's, so a stand-in scripts as its original does."""
+    fused_forward = Fused.forward
+
     def forward(self, *args, **kwargs):
-        return Fused.forward(self, *args, **kwargs)
-    return forward
+        return fused_forward(self, *args, **kwargs)
 
-
-class UnfusedForScripting:
-    """Set as ``__prepare_scriptable__`` on the modules above stand-ins, so that ``torch.jit.script``
-    (which replaces children in place with what their ``__prepare_scriptable__`` returns) works on an
-    unfused copy and leaves the user's model as it is."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def __call__(self) -> nn.Module:
-        return unfused_copy(self.module)
-
-
-def unfused_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module``'s tree in which every stand-in is its original class again. Parameters
-    and buffers are shared, not copied; only the module objects and their containers are new."""
-    memo: dict[int, nn.Module] = {}
-
-    def copy(m: nn.Module) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]
-        cls = type(m).__dict__.get("_vitfast_original", type(m))
-        new = cls.__new__(cls)
-        memo[id(m)] = new
-        for key, value in m.__dict__.items():
-            if key == "__prepare_scriptable__" or key.startswith(("vitfast", "_vitfast")):
-                continue
-            if key == "_modules":
-                value = {k: None if c is None else copy(c) for k, c in value.items()}
-            elif isinstance(value, (dict, set, list)):
-                value = type(value)(value)
-            new.__dict__[key] = value
-        return new
-
-    return copy(module)
+    forward = types.FunctionType(forward.__code__, original.forward.__globals__, "forward", None,
+                                 forward.__closure__)
+    return functools.wraps(original.forward)(forward)
 
 
 def _class_key(original: type, mixin: type) -> str:

@@ -65,7 +65,9 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
     inside the kernels (attention probabilities, attention output, the MLP's hidden activations and
     output), drawn from PyTorch's generator. It runs PyTorch's own forward, with one warning, while
     hooks sit on its submodules or one of them was replaced.
-    A query row whose keys are all masked yields zeros where PyTorch yields NaN.
+    A query row whose keys are all masked yields zeros where PyTorch yields NaN. A subclass scripts
+    with ``torch.jit.script`` as a subclass of ``nn.TransformerEncoderLayer`` does; one that redefines
+    a method PyTorch's forward calls (``_sa_block``, ``_ff_block``) runs PyTorch's forward, with one warning.
 
     >>> layer = FastTransformerEncoderLayer(d_model=768, nhead=12, batch_first=True)
     >>> fast = FastTransformerEncoderLayer.from_torch(torch_layer)  # shares torch_layer's weights
