@@ -16,6 +16,13 @@ import os
 import triton
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (CPU tensors, tests) rather than compiled. Read from
+    the environment: kernels/ sits above vitfast.runtime in the layering. Launchers choose tiles by
+    this, not by a tensor's device, so a stand-in driver can run the compiled path on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def autotune_enabled() -> bool:
     return os.environ.get("VITFAST_AUTOTUNE", "1") != "0"
 

@@ -465,13 +465,13 @@ _dq_autotuned = triton.autotune(
 )(_attention_bwd_dq_kernel)
 
 
-def _launch(kernel, autotuned, on_gpu: bool, tile: str, n: int, programs_per_tile: int,
+def _launch(kernel, autotuned, tile: str, n: int, programs_per_tile: int,
             args: tuple, meta: dict, n_q: int) -> None:
-    """Launch cdiv(n, tile) · programs_per_tile programs: the autotuned variant on the GPU, the
-    interpreter's fixed tile for ``n_q`` queries on CPU tensors."""
-    if on_gpu:
+    """Launch cdiv(n, tile) · programs_per_tile programs: the autotuned variant when compiled, the
+    interpreter's fixed tile for ``n_q`` queries otherwise."""
+    if not _tuning.interpreting():
         autotuned[lambda m: (triton.cdiv(n, m[tile]) * programs_per_tile,)](*args, **meta)
-    else:  # CPU tensors reach a kernel only under Triton's interpreter
+    else:  # Triton's interpreter (CPU tensors)
         cfg = _interpreter_config(n_q)
         kernel[(triton.cdiv(n, cfg[tile]) * programs_per_tile,)](*args, **meta, **cfg)
 
@@ -584,7 +584,7 @@ def attention_fwd(
             *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
     meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta,
                 **drop_meta)
-    _launch(_attention_fwd_kernel, _fwd_autotuned, q.is_cuda, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
+    _launch(_attention_fwd_kernel, _fwd_autotuned, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
 
 
 def attention_bwd(
@@ -640,6 +640,6 @@ def attention_bwd(
     pointers = (*mask_args[:2], rope_args[0], seed_arg)
     strides = (*mask_args[2:], *rope_args[1:])
     args = (q, k, v, do, lse, delta, dk, dv, *pointers, *_strides(q, k, v, do, dk, dv), *strides, *scalars)
-    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, q.is_cuda, "BLOCK_N", N_KV, B * H, args, meta, N_Q)
+    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, "BLOCK_N", N_KV, B * H, args, meta, N_Q)
     args = (q, k, v, do, lse, delta, dq, *pointers, *_strides(q, k, v, do, dq), *strides, *scalars)
-    _launch(_attention_bwd_dq_kernel, _dq_autotuned, q.is_cuda, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
+    _launch(_attention_bwd_dq_kernel, _dq_autotuned, "BLOCK_M", N_Q, B * H, args, meta, N_Q)

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import _tuning
 from ._layout import vector_stride
 from .linear import (
-    ACTIVATIONS, _activate, _activate_bwd, _interpreter_configs, _interpreting, _tile_position, gemm_keep,
+    ACTIVATIONS, _activate, _activate_bwd, _interpreter_configs, _tile_position, gemm_keep,
     input_precision, prune_tiles, tile_configs,
 )
 
@@ -51,7 +51,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
+    configs=_interpreter_configs() if _tuning.interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
     key=["M_BUCKET", "H", "K", "stride_wgk", "stride_wvk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},
 )

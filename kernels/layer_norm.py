@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
 from ._layout import vector_stride
 
 # Widest row one program holds in registers; wider rows take the PyTorch fallback.
@@ -180,12 +181,12 @@ def _layer_norm_bwd_kernel(
         tl.store(DB_PART + pid * N + cols, db_acc, mask=col_ok)
 
 
-def _backward_programs(m: int, block_m: int, on_gpu: bool) -> tuple[int, int]:
+def _backward_programs(m: int, block_m: int, compiled: bool) -> tuple[int, int]:
     """(programs, rows per program). Each program writes one fp32 partial row of the weight and bias
     gradients, so their count is capped: 512 fills an H100's 132 SMs a few times over while the
     partials stay far below the row traffic; the interpreter takes 4, so its loops run several rows."""
     blocks = triton.cdiv(m, block_m)
-    rows_per_program = triton.cdiv(blocks, min(blocks, 512 if on_gpu else 4)) * block_m
+    rows_per_program = triton.cdiv(blocks, min(blocks, 512 if compiled else 4)) * block_m
     return triton.cdiv(m, rows_per_program), rows_per_program
 
 
@@ -210,7 +211,7 @@ def layer_norm_bwd(
     for t in (dy, ds, xin, dx):
         assert t is None or (t.dim() == 2 and t.stride(1) == 1)
     block_m, block_n, num_warps = _launch_config(N)
-    programs, rows_per_program = _backward_programs(M, block_m, xin.is_cuda)
+    programs, rows_per_program = _backward_programs(M, block_m, not _tuning.interpreting())
     dw_part = torch.empty(programs if compute_dw else 0, N, dtype=torch.float32, device=xin.device)
     db_part = torch.empty(programs if compute_db else 0, N, dtype=torch.float32, device=xin.device)
     dummy = xin  # stands in for absent pointers; never dereferenced behind a false constexpr

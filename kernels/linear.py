@@ -26,8 +26,6 @@ of Y. Dropout adds no memory traffic beyond the 8-byte seed.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -97,11 +95,6 @@ def input_precision(dtype: torch.dtype) -> str:
     TF32 (``torch.backends.cuda.matmul.allow_tf32``); it matters only for fp32, and "tf32" is the
     16-bit types' default."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
-def _interpreting() -> bool:
-    # kernels/ sits above vitfast.runtime in the layering, so it reads the switch itself.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -198,7 +191,7 @@ def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 
 
 @triton.autotune(
-    configs=_interpreter_configs() if _interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
+    configs=_interpreter_configs() if _tuning.interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
     # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
     key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "INPUT_PRECISION"],  # dtypes join by themselves
     prune_configs_by={"early_config_prune": _prune},

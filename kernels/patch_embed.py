@@ -235,20 +235,20 @@ _dimages_autotuned = triton.autotune(
 _INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4)
 
 
-def _launch(kernel, autotuned, on_gpu: bool, rows: int, cols: int, splits: int, args: tuple, meta: dict) -> None:
+def _launch(kernel, autotuned, rows: int, cols: int, splits: int, args: tuple, meta: dict) -> None:
     """Launch a GEMM kernel over a [rows, cols] output (times ``splits`` reduction slices): the
-    autotuned variant on the GPU, the interpreter's fixed tile on CPU tensors."""
-    if on_gpu:
+    autotuned variant when compiled, the interpreter's fixed tile otherwise."""
+    if not _tuning.interpreting():
         grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(cols, m["BLOCK_N"]), splits)  # noqa: E731
         autotuned[grid](*args, **meta)
-    else:  # CPU tensors reach a kernel only under Triton's interpreter
+    else:  # Triton's interpreter (CPU tensors)
         cfg = _INTERPRETER_CONFIG
         kernel[(triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]), splits)](*args, **meta, **cfg)
 
 
 def _input_precision(images: torch.Tensor) -> str:
     """fp32 operands use TF32 on the GPU where PyTorch's matmuls may (as Conv2d would)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and images.is_cuda else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _tuning.interpreting() else "ieee"
 
 
 def patch_embed_fwd(
@@ -282,7 +282,7 @@ def patch_embed_fwd(
     meta = dict(P=P, PREFIX=int(cls_token is not None), HAS_BIAS=bias is not None,
                 HAS_CLS_POS=cls_pos is not None, HAS_POS=pos is not None,
                 INPUT_PRECISION=_input_precision(images))
-    _launch(_patch_embed_kernel, _patch_embed_autotuned, images.is_cuda, M, D, 1, args, meta)
+    _launch(_patch_embed_kernel, _patch_embed_autotuned, M, D, 1, args, meta)
 
 
 def _token_slices(m: int, d: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -328,7 +328,7 @@ def patch_embed_bwd(
     if dimages is not None:
         args = (dtokens, weight, dimages, K, D, M, n_patches, grid_w,
                 *dtokens.stride(), *weight.stride(), *dimages.stride())
-        _launch(_patch_embed_dimages_kernel, _dimages_autotuned, images.is_cuda, M, K, 1, args, meta)
+        _launch(_patch_embed_dimages_kernel, _dimages_autotuned, M, K, 1, args, meta)
     if dweight is not None:
         slices, per_slice = _token_slices(M, D, K, images.device)
         target = dweight if slices == 1 else torch.empty(slices, D, C, P, P, dtype=torch.float32,
@@ -336,6 +336,6 @@ def patch_embed_bwd(
         target_strides = (0, *dweight.stride()) if slices == 1 else target.stride()
         args = (dtokens, images, target, D, K, M, n_patches, grid_w, per_slice,
                 *dtokens.stride(), *images.stride(), *target_strides)
-        _launch(_patch_embed_dweight_kernel, _dweight_autotuned, images.is_cuda, D, K, slices, args, meta)
+        _launch(_patch_embed_dweight_kernel, _dweight_autotuned, D, K, slices, args, meta)
         if slices > 1:
             dweight.copy_(target.sum(0))
