@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
+from ._dispatch import custom_op
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:
@@ -73,7 +74,7 @@ def _backward_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, 
 
 # Every op's schema ends in ``dropout_p`` and ``seed`` (the int64 Philox key of one element the public op
 # drew; None when dropout_p = 0), defaults kept so that calls written before dropout still work.
-@torch.library.custom_op("vitfast::attention_fwd", mutates_args=())
+@custom_op("vitfast::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     scale: float, is_causal: bool, tokens_major: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0,
@@ -115,7 +116,7 @@ def _(dout, q, k, v, out, lse, dlse, key_padding_mask, attn_mask, scale, is_caus
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("vitfast::attention_packed_fwd", mutates_args=())
+@custom_op("vitfast::attention_packed_fwd", mutates_args=())
 def _attention_packed_fwd(
     qkv: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
     scale: float, is_causal: bool, rope: Optional[Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,

@@ -27,3 +27,44 @@ def kernel_path(op: str, main: Tensor, *others: Tensor | None, dot: bool = True)
                                                     f"whose bf16 dots are wrong; using PyTorch")
         return False
     return True
+
+
+def custom_op(name: str, **options):
+    """``torch.library.custom_op(name, **options)`` that also keeps the decorated function itself,
+    for :func:`call`'s plain eager calls."""
+    def register(fn):
+        op = torch.library.custom_op(name, **options)(fn)
+        op.vitfast_plain = fn
+        return op
+    return register
+
+
+# Set while a stand-in records a forward for replay (vitfast/modules/_replay.py): its dispatch mode
+# watches the plain calls' aten ops, and is the one mode that may be on the stack for them.
+recording = False
+
+
+def call(op, *args):
+    """Run the custom op ``op`` on ``args``. The dispatcher's layers (autograd, autocast, tracing,
+    fake and functional tensors, torch.compile) cost tens of microseconds of host time per call;
+    an eager call that needs none of them runs the op's function directly:
+
+    * gradients off, or no argument that requires one;
+    * no autocast on the arguments' device, no torch.compile, torch.jit tracing or torch.func
+      transform, no torch function or dispatch mode (but the replay recorder's);
+    * every tensor a plain ``torch.Tensor`` or ``nn.Parameter`` (no subclass: DTensor, FakeTensor).
+    """
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() != int(recording)
+            or torch._C._functorch.maybe_current_level() is not None):
+        return op(*args)
+    grad = torch.is_grad_enabled()
+    device = None
+    for a in args:
+        if isinstance(a, Tensor):
+            if (type(a) is not Tensor and type(a) is not torch.nn.Parameter) or (grad and a.requires_grad):
+                return op(*args)
+            device = device or a.device
+    if device is not None and torch.is_autocast_enabled(device.type):
+        return op(*args)
+    return op.vitfast_plain(*args)

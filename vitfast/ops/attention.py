@@ -58,8 +58,10 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
+from ._attention_ops import _attention_fwd as attention_fwd
+from ._attention_ops import _attention_packed_fwd as attention_packed_fwd
 from ._attention_ops import _split_packed, _unit_last
-from ._dispatch import kernel_path
+from ._dispatch import call, kernel_path
 from ._random import check_dropout_p, draw_seed
 from ._trace import fx_traceable
 from ._validate import FLOAT_DTYPES, check_float, check_same_device, check_tensor
@@ -264,8 +266,8 @@ def attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = Non
     dropout_p = check_dropout_p("dropout_p", dropout_p)
     q, k, v = _split_packed(qkv, num_heads)
     return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, True, rope, rope_prefix,
-                rope_half, dropout_p, lambda *a: torch.ops.vitfast.attention_packed_fwd(_unit_last(qkv), num_heads,
-                                                                             key_padding_mask, attn_mask, *a))
+                rope_half, dropout_p, lambda *a: call(attention_packed_fwd, _unit_last(qkv), num_heads,
+                                                              key_padding_mask, attn_mask, *a))
 
 
 @fx_traceable
@@ -310,8 +312,8 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     _check_rope(q, rope, rope_prefix, rope_half, B, H, N_Q, N_KV, d)
     dropout_p = check_dropout_p("dropout_p", dropout_p)
     return _run(q, k, v, key_padding_mask, attn_mask, scale, is_causal, return_lse, False, rope, rope_prefix,
-                rope_half, dropout_p, lambda s, c, *r: torch.ops.vitfast.attention_fwd(
-                    *(_unit_last(t) for t in (q, k, v)), key_padding_mask, attn_mask, s, c, False, *r))
+                rope_half, dropout_p, lambda s, c, *r: call(
+                    attention_fwd, *(_unit_last(t) for t in (q, k, v)), key_padding_mask, attn_mask, s, c, False, *r))
 
 
 def _check_common(name: str, x: Tensor, B: int, n_q: int, n_kv: int, heads: int, d: int,

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
+from ._dispatch import call, custom_op
 from ._layout import as_result, as_rows
 from ._linear_args import TORCH_ACTIVATIONS, activation_name, check_input, check_layer, kernel_path_for
 from ._random import check_dropout_p, draw_seed, keep_scale
@@ -20,7 +21,7 @@ from ._trace import fx_traceable
 from ._validate import check_same_device
 
 
-@torch.library.custom_op("vitfast::gated_linear_fwd", mutates_args=())
+@custom_op("vitfast::gated_linear_fwd", mutates_args=())
 def _gated_linear_fwd(
     x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], value_weight: Tensor, value_bias: Optional[Tensor],
     activation: str, store_preact: bool = False, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
@@ -195,7 +196,7 @@ def gated_linear(
         runtime.record_launch("gated_linear", x, gate_weight, value_weight)
         store_preact = runtime.needs_autograd(x, gate_weight, gate_bias, value_weight, value_bias)
         seed = draw_seed(x.device) if p > 0.0 else None  # outside the custom op: compiled graphs draw it too
-        y, _ = torch.ops.vitfast.gated_linear_fwd(as_rows(x, x.shape[-1]), gate_weight, gate_bias, value_weight,
-                                                  value_bias, act, store_preact, p, seed)
+        y, _ = call(_gated_linear_fwd, as_rows(x, x.shape[-1]), gate_weight, gate_bias, value_weight, value_bias,
+                    act, store_preact, p, seed)
         return as_result(y, (*x.shape[:-1], hidden))
     return _fallback(x, gate_weight, gate_bias, value_weight, value_bias, act, p)

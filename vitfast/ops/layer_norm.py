@@ -11,13 +11,13 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
-from ._dispatch import kernel_path
+from ._dispatch import call, custom_op, kernel_path
 from ._layout import as_result, as_rows
 from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
-@torch.library.custom_op("vitfast::layer_norm_fwd", mutates_args=())
+@custom_op("vitfast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
     residual: Optional[Tensor], store_stats: bool,
@@ -178,8 +178,8 @@ def layer_norm(
         else:
             runtime.record_launch("layer_norm", x, residual)
             # Training keeps the fp32 statistics for the backward kernel.
-            y, s, _, _ = torch.ops.vitfast.layer_norm_fwd(
-                as_rows(x, width), weight, bias, float(eps),
+            y, s, _, _ = call(
+                _layer_norm_fwd,                 as_rows(x, width), weight, bias, float(eps),
                 None if residual is None else as_rows(residual, width),
                 runtime.needs_autograd(x, weight, bias, residual))
             y = as_result(y, x.shape)

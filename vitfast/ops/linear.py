@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
+from ._dispatch import call, custom_op
 from ._layout import as_result, as_rows
 from ._linear_args import (
     activation_name, check_input, check_layer, check_residual, check_row_scale, check_scale, fallback,
@@ -25,7 +26,7 @@ from ._trace import fx_traceable
 from ._validate import check_same_device
 
 
-@torch.library.custom_op("vitfast::linear_fwd", mutates_args=())
+@custom_op("vitfast::linear_fwd", mutates_args=())
 def _linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
     store_preact: bool = False, scale: Optional[Tensor] = None, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
@@ -172,8 +173,8 @@ def _launch(x2: Tensor, weight: Tensor, bias: Tensor | None, activation: str, re
     scale_grad = scale is not None and runtime.needs_autograd(scale)
     store_preact = (activation != "none" and runtime.needs_autograd(x2, weight, bias)) or scale_grad
     seed = draw_seed(x2.device) if dropout_p > 0.0 else None
-    return torch.ops.vitfast.linear_fwd(x2, weight, bias, r2, activation, store_preact, scale, dropout_p, seed,
-                                        row_scale, out_dtype)[0]
+    return call(_linear_fwd, x2, weight, bias, r2, activation, store_preact, scale, dropout_p, seed, row_scale,
+                out_dtype)[0]
 
 
 def _kernel_path(op: str, x: Tensor, out_width: int, scale: Tensor | None, residual: Tensor | None,

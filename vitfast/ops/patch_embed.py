@@ -10,12 +10,12 @@ from torch import Tensor
 
 from .. import runtime
 from . import _autocast as autocast
-from ._dispatch import kernel_path
+from ._dispatch import call, custom_op, kernel_path
 from ._trace import fx_traceable
 from ._validate import check_float, check_same_device, check_same_dtype, check_shape
 
 
-@torch.library.custom_op("vitfast::patch_embed_fwd", mutates_args=())
+@custom_op("vitfast::patch_embed_fwd", mutates_args=())
 def _patch_embed_fwd(
     images: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
     cls_pos: Optional[Tensor], pos: Optional[Tensor], channels_first: bool = False,
@@ -277,7 +277,6 @@ def patch_embed(
     out_dtype = autocast.result_dtype(images, cls_vec, cls_pos, pos)
     if kernel_path("patch_embed", images, bias, cls_vec, cls_pos, pos):
         runtime.record_launch("patch_embed", images, weight)
-        return torch.ops.vitfast.patch_embed_fwd(images, weight, bias, cls_vec, cls_pos, pos, channels_first,
-                                                 out_dtype)
+        return call(_patch_embed_fwd, images, weight, bias, cls_vec, cls_pos, pos, channels_first, out_dtype)
     out = _fallback(images, weight, bias, cls_vec, cls_pos, pos, out_dtype or images.dtype)
     return out.transpose(1, 2).contiguous().transpose(1, 2) if channels_first else out
