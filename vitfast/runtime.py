@@ -116,6 +116,13 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def empty_strided(size: tuple[int, ...], stride: tuple[int, ...], *, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``empty`` with given strides (a replayed forward's buffers, allocated as they are returned)."""
+    out = torch.empty_strided(size, stride, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if _poison and dtype.is_floating_point else out
+
+
 @contextmanager
 def poison_outputs(enabled: bool = True) -> Iterator[None]:
     """Fill every kernel output with NaN before the kernel writes it (tests use this)."""
@@ -140,15 +147,26 @@ def fallback_only(enabled: bool = True) -> Iterator[None]:
 
 _launch_counts: dict[str, int] | None = None
 _launch_dtypes: dict[str, set[torch.dtype]] | None = None
+# Called with (op, operand dtypes) for each recorded launch while a stand-in records its forward for
+# replay (vitfast/modules/_replay.py), so that a replay counts what the recorded call counted.
+launch_listener = None
 
 
 def record_launch(op: str, *operands: torch.Tensor | None) -> None:
     """Called by each op when it takes the Triton path, with the tensors its kernels compute on;
     counted inside ``count_launches``, their dtypes collected inside ``launch_dtypes``."""
+    if launch_listener is not None:
+        launch_listener(op, tuple(t.dtype for t in operands if t is not None))
+    if _launch_counts is not None or _launch_dtypes is not None:
+        record_replayed_launch(op, tuple(t.dtype for t in operands if t is not None))
+
+
+def record_replayed_launch(op: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    """``record_launch`` for a launch that a replay makes, with the operand dtypes recorded."""
     if _launch_counts is not None:
         _launch_counts[op] = _launch_counts.get(op, 0) + 1
     if _launch_dtypes is not None:
-        _launch_dtypes.setdefault(op, set()).update(t.dtype for t in operands if t is not None)
+        _launch_dtypes.setdefault(op, set()).update(dtypes)
 
 
 @contextmanager

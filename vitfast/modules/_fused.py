@@ -33,6 +33,7 @@ from torch.nn.modules import module as _torch_module
 
 from .. import runtime
 from ..ops._trace import first_proxy
+from . import _replay
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -115,11 +116,12 @@ def _same_objects(now, then: tuple) -> bool:
 
 class Plan:
     """A stand-in and its bypassed submodules as they were when the stand-in last checked them in
-    full: every object, its class and forward, its children and parameters, and the attribute values
-    of the stand-in and of the modules that hold others (the leaves' settings, a dropout's p, an eps,
-    an activation's kind, are read on every call anyway). While all of that holds and no hook is
-    registered, the fused path stays valid without re-running the checks; any change (an attribute
-    set, a submodule or parameter replaced) re-runs them once."""
+    full: every object, its class and forward, its children, parameters and buffers, and the
+    attribute values of the stand-in and of every module below it (a dropout's p, an eps, an
+    activation's kind). While all of that holds and no hook is registered, the fused path stays
+    valid without re-running the checks; any change (an attribute set, a submodule, parameter or
+    buffer replaced) re-runs them once. A plan that covers all of the stand-in's children
+    (``complete``) also holds its settled calls (``_replay.py``), dropped with it."""
 
     def __init__(self, module: nn.Module, children: tuple[str, ...]):
         entries, stack = [], [module._modules.get(name) for name in children]
@@ -127,12 +129,15 @@ class Plan:
             m = stack.pop()
             if m is not None:
                 kids = tuple(m._modules.values())
-                entries.append((m, type(m), type(m).forward, kids, tuple(m.__dict__.values()) if kids else None,
-                                tuple(m._parameters.values())))
+                entries.append((m, type(m), type(m).forward, kids, tuple(m.__dict__.values()),
+                                tuple(m._parameters.values()), tuple(m._buffers.values())))
                 stack.extend(kids)
         self.roots = tuple(module._modules.get(name) for name in children)
         self.entries = tuple(entries)
         self.own: tuple = ()
+        self.own_tensors = tuple(module._parameters.values()) + tuple(module._buffers.values())
+        self.complete = set(children) >= set(module._modules)
+        self.replays: dict = {}
 
     def seal(self, module: nn.Module) -> None:
         """Take the stand-in's own attributes, once the plan itself is one of them."""
@@ -143,13 +148,16 @@ class Plan:
             return False
         if not _same_objects(module.__dict__.values(), self.own):
             return False
+        if not _same_objects((*module._parameters.values(), *module._buffers.values()), self.own_tensors):
+            return False
         if tuple(module._modules.get(name) for name in children) != self.roots:
             return False
-        for m, cls, forward, kids, values, params in self.entries:
+        for m, cls, forward, kids, values, params, buffers in self.entries:
             state = m.__dict__
             if (type(m) is not cls or cls.forward is not forward
-                    or (values is not None and not _same_objects(state.values(), values))
+                    or not _same_objects(state.values(), values)
                     or not _same_objects(state["_parameters"].values(), params)
+                    or not _same_objects(state["_buffers"].values(), buffers)
                     or tuple(state["_modules"].values()) != kids):
                 return False
             if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
@@ -210,7 +218,9 @@ class Fused:
             if self._vitfast_declines(*args, **kwargs):
                 return self._vitfast_fallback(*args, **kwargs)
             try:
-                return self._fused_forward(*args, **kwargs)
+                # torch.compile traces the checked path (its guards stand for a settled call's checks).
+                out = _replay.NOT_SETTLED if torch.compiler.is_compiling() else _replay.settled(self, args, kwargs)
+                return self._fused_forward(*args, **kwargs) if out is _replay.NOT_SETTLED else out
             except Unfusable as e:
                 reason = str(e)
         name = type(self).__name__

@@ -1,0 +1,194 @@
+"""Settled calls (vitfast/modules/_replay.py): a stand-in's second call with the same signature replays
+the launches its first call recorded, exactly; every change the per-call checks catch (weights,
+``.data``, hooks, attributes, submodules, input shape, dtype, strides, alignment, autograd) takes
+the checked path again, and the result is the changed model's."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vitfast
+from vitfast import runtime
+from vitfast.modules import _replay
+from helpers import DEVICE, assert_parity, require_triton_path
+from test_optimize import FAMILIES, IMG, _logits, _randomize
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The replays run during a test, in order."""
+    ran = []
+    run = _replay.Replay.run
+
+    def counted(self, inputs):
+        ran.append(self)
+        return run(self, inputs)
+
+    monkeypatch.setattr(_replay.Replay, "run", counted)
+    return ran
+
+
+def _pair(family="timm"):
+    model = _randomize(FAMILIES[family][0]()).to(DEVICE).eval()
+    return model, vitfast.optimize(copy.deepcopy(model))
+
+
+def _images(batch=2, dtype=torch.float32):
+    return torch.randn(batch, 3, IMG, IMG, device=DEVICE, dtype=dtype)
+
+
+def _settled_pair():
+    """A timm model, its optimized copy after two calls (recorded, then replayed) and the images."""
+    require_triton_path()
+    model, fast = _pair()
+    x = _images()
+    with torch.no_grad():
+        fast(x), fast(x)
+    return model, fast, x
+
+
+def _check(model, fast, x):
+    with torch.no_grad():
+        ref = _logits(copy.deepcopy(model).double(), x.double())
+        assert_parity(_logits(fast, x), _logits(model, x), ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_second_call_replays_the_first_exactly(family, replays):
+    require_triton_path()
+    model, fast = _pair(family)
+    x = _images()
+    with torch.no_grad(), runtime.count_launches() as first:
+        recorded = _logits(fast, x)
+    assert not replays
+    with torch.no_grad(), runtime.count_launches() as second:
+        replayed = _logits(fast, x)
+    assert replays and first == second, (len(replays), first, second)
+    torch.testing.assert_close(replayed, recorded, rtol=0, atol=0)
+    _check(model, fast, x)
+
+
+def test_blocks_replay_and_hugging_face_layers_say_why_not(replays):
+    """timm's blocks replay; a Hugging Face layer packs its q, k and v weights with torch.cat on every
+    call, which a replay would not redo, so it stays on the checked path."""
+    require_triton_path()
+    for family, block, settles in (("timm", "blocks.0", True), ("huggingface", "vit.layers.0", False)):
+        _, fast = _pair(family)
+        with torch.no_grad():
+            for _ in range(2):
+                fast(_images())
+        replays_held = list(fast.get_submodule(block)._vitfast_plan.replays.values())
+        assert len(replays_held) == 1 and (replays_held[0] is not None) == settles, (family, replays_held)
+
+
+def _replace_weight(m):
+    fc1 = m.blocks[0].mlp.fc1
+    fc1.weight = nn.Parameter(fc1.weight.detach().flip(0) * -2.0)
+
+
+def _write_data(m):
+    fc1 = m.blocks[0].mlp.fc1
+    fc1.weight.data = fc1.weight.detach().flip(1) + 0.5  # new storage, same shape
+
+
+def _transpose_data(m):  # same shape (square), other strides: a replay must not launch with the old ones
+    proj = m.blocks[0].attn.proj
+    proj.weight.data = proj.weight.data.t()
+
+
+def _in_place(m):
+    with torch.no_grad():
+        m.blocks[1].mlp.fc2.weight.mul_(-2.0)
+
+
+def _hook(m):
+    m.blocks[0].mlp.fc1.register_forward_hook(lambda mod, args, out: out * 2.0)
+
+
+def _eps(m):
+    m.blocks[1].norm1.eps = 0.5
+
+
+def _activation(m):
+    m.blocks[0].mlp.act = nn.ReLU()
+
+
+def _buffer(m):
+    m.blocks[0].register_buffer("extra", torch.zeros(1))
+
+
+CHANGES = {"weight replaced": _replace_weight, ".data written": _write_data, ".data transposed": _transpose_data,
+           "in-place update": _in_place, "hook": _hook, "attribute": _eps, "submodule replaced": _activation,
+           "buffer added": _buffer, "half precision": lambda m: m.half()}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_to_the_model_is_seen_after_replays(change, replays):
+    model, fast, x = _settled_pair()
+    assert replays
+    for m in (model, fast):
+        CHANGES[change](m)
+    if change == "half precision":
+        x = x.half()
+    _check(model, fast, x)
+    if change != "hook":  # the hook keeps the first block checked; the others settle again
+        n = len(replays)
+        with torch.no_grad():
+            fast(x)
+        assert len(replays) > n
+
+
+INPUTS = {
+    "batch": lambda x: torch.cat([x, x[:1]]),
+    "strides": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),
+    "alignment": lambda x: torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape),  # data_ptr % 16 == 4
+    "dtype": lambda x: x.half(),
+}
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_a_new_input_signature_records_again(kind, replays):
+    """The patch embedding records the new images' signature next to the old one; the blocks and the
+    final norm see new tokens only when the batch or the dtype changed."""
+    model, fast, x = _settled_pair()
+    settled = len(replays)
+    y = INPUTS[kind](_images())
+    if kind == "dtype":
+        model, fast = model.half(), fast.half()
+    if kind == "alignment":
+        assert y.data_ptr() % 16 != x.data_ptr() % 16
+    _check(model, fast, y)
+    assert len(fast.patch_embed._vitfast_plan.replays) == 2
+    assert len(replays) == settled + (0 if kind in ("batch", "dtype") else 3)  # blocks and norm replayed
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(fast, y), _logits(fast, y), rtol=0, atol=0)
+    assert len(replays) == settled + (8 if kind in ("batch", "dtype") else 11)
+
+
+def test_autograd_takes_the_checked_path(replays):
+    model, fast, x = _settled_pair()
+    settled = len(replays)
+    out = _logits(fast, x)
+    assert out.requires_grad and len(replays) == settled
+    out.sum().backward()
+    assert fast.blocks[0].mlp.fc1.weight.grad is not None
+
+
+def test_the_call_key_holds_everything_a_launch_depends_on():
+    """Device and the switches the ops read are in the key (a second device is not at hand in CI)."""
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        key = _replay._key((x,), {})
+        assert key == _replay._key((x.clone(),), {}) or x.data_ptr() % 16 != x.clone().data_ptr() % 16
+        assert key[-1][4] == x.device and _replay._key((torch.empty(2, 5, 8, device="meta"),), {}) is None
+        assert key != _replay._key((x, x), {}) and _replay._key((x, x), {}) != _replay._key((x, x.clone()), {})
+        assert key != _replay._key((x,), {"mask": None}) and key != _replay._key((x, 1), {}) != _replay._key((x, True), {})
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = not tf32
+            assert key != _replay._key((x,), {})
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        assert _replay._key((x, [1]), {}) is None  # containers: the checked path
+    assert _replay._key((x,), {}) is None  # gradients on
