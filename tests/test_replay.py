@@ -3,6 +3,8 @@ the launches its first call recorded, exactly; every change the per-call checks 
 ``.data``, hooks, attributes, submodules, input shape, dtype, strides, alignment, autograd) takes
 the checked path again, and the result is the changed model's."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -179,16 +181,76 @@ def test_the_call_key_holds_everything_a_launch_depends_on():
     """Device and the switches the ops read are in the key (a second device is not at hand in CI)."""
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
-        key = _replay._key((x,), {})
-        assert key == _replay._key((x.clone(),), {}) or x.data_ptr() % 16 != x.clone().data_ptr() % 16
-        assert key[-1][4] == x.device and _replay._key((torch.empty(2, 5, 8, device="meta"),), {}) is None
-        assert key != _replay._key((x, x), {}) and _replay._key((x, x), {}) != _replay._key((x, x.clone()), {})
-        assert key != _replay._key((x,), {"mask": None}) and key != _replay._key((x, 1), {}) != _replay._key((x, True), {})
+        key = _replay._key((x,), {}, ())
+        assert key == _replay._key((x.clone(),), {}, ()) or x.data_ptr() % 16 != x.clone().data_ptr() % 16
+        assert key[-1][4] == x.device and _replay._key((torch.empty(2, 5, 8, device="meta"),), {}, ()) is None
+        assert key != _replay._key((x, x), {}, ()) != _replay._key((x, x.clone()), {}, ())
+        assert key != _replay._key((x,), {"mask": None}, ()) and key != _replay._key((x,), {}, (True,))
+        assert _replay._key((x, 1), {}, ()) != _replay._key((x, True), {}, ())
         tf32 = torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cuda.matmul.allow_tf32 = not tf32
-            assert key != _replay._key((x,), {})
+            assert key != _replay._key((x,), {}, ())
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-        assert _replay._key((x, [1]), {}) is None  # containers: the checked path
-    assert _replay._key((x,), {}) is None  # gradients on
+        assert _replay._key((x, [1]), {}, ()) is None  # containers: the checked path
+    assert _replay._key((x,), {}, ()) is None  # gradients on
+
+
+def test_replays_keep_no_tensor_of_the_recorded_call_alive():
+    require_triton_path()
+    _, fast = _pair()
+    x = _images()
+    alive = weakref.ref(x)
+    with torch.no_grad():
+        out = weakref.ref(fast(x))
+        fast(x)
+    del x
+    gc.collect()
+    assert alive() is None and out() is None
+
+
+def test_an_empty_batch_replays_and_the_pytorch_fallback_records_nothing(monkeypatch, replays):
+    require_triton_path()
+    model, fast = _pair()
+    with torch.no_grad():
+        for _ in range(2):
+            assert fast(_images(batch=0)).shape == (0, 10)
+    model, fast = _pair()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors now take the plain-PyTorch fallback
+    for _ in range(2):
+        _check(model, fast, _images())
+    assert list(fast.blocks[0]._vitfast_plan.replays.values()) == [None]
+
+
+def test_multihead_attention_replays_only_under_the_fast_path_setting_it_recorded():
+    """With a bool mask and the causal hint, PyTorch drops the mask only off its native path, whose
+    switch (``torch.backends.mha``) is part of the stand-in's call key."""
+    require_triton_path()
+    torch_mha = nn.MultiheadAttention(64, 4, batch_first=True).to(DEVICE).eval()
+    fast = vitfast.modules.MultiheadAttention.from_torch(copy.deepcopy(torch_mha)).eval()
+    x = torch.randn(2, 8, 64, device=DEVICE)
+    mask = torch.rand(8, 8, device=DEVICE) > 0.7
+    mask.fill_diagonal_(False)
+
+    def call(m):
+        return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=True)[0]
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.no_grad():
+            for setting in (True, False, True):
+                torch.backends.mha.set_fastpath_enabled(setting)
+                for _ in range(2):
+                    torch.testing.assert_close(call(fast), call(torch_mha), rtol=1e-4, atol=1e-5)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def test_the_profiler_sees_replays_and_the_ops():
+    model, fast, x = _settled_pair()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fast(x)
+        vitfast.ops.layer_norm(x, torch.ones(IMG, device=DEVICE), None)
+    names = {e.name for e in prof.events()}
+    assert "vitfast::replay" in names and "vitfast::layer_norm_fwd" in names, names

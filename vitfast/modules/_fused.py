@@ -208,6 +208,11 @@ class Fused:
         """True when the call asks for what the fused path does not compute (runs the original quietly)."""
         return False
 
+    def _vitfast_switches(self) -> tuple:
+        """The global settings the fused forward reads beyond those every op reads (``_replay._key``):
+        a settled call replays only under the same values."""
+        return ()
+
     def forward(self, *args, **kwargs):
         """Every concrete stand-in's forward, under the original forward's signature (``_signed_as``)."""
         proxy = first_proxy((*args, *kwargs.values()))

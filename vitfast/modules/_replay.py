@@ -58,18 +58,16 @@ _recording = threading.Lock()  # one recording at a time: the launch hooks and t
 _IN, _BUF, _PARAM = 0, 1, 2
 
 
-def _key(args: tuple, kwargs: dict) -> tuple | None:
-    """The call's signature, or None when it cannot be replayed (see the module docstring)."""
+def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
+    """The call's signature, or None when it cannot be replayed (see the module docstring).
+    ``switches``: the global settings the stand-in's own forward reads (``Fused._vitfast_switches``)."""
     if (torch.is_grad_enabled() or runtime._force_fallback or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None):
         return None
-    parts: list = [torch.is_inference_mode_enabled(), torch.backends.cuda.matmul.allow_tf32]
+    parts: list = [torch.is_inference_mode_enabled(), torch.backends.cuda.matmul.allow_tf32, switches]
     tensors: list[Tensor] = []
-    for value in (*args, *kwargs.items()):
-        name = None
-        if type(value) is tuple:  # a keyword argument
-            name, value = value
+    for name, value in (*enumerate(args), *kwargs.items()):
         if type(value) is Tensor:
             same = next((i for i, t in enumerate(tensors) if t is value), None)
             if same is None:
@@ -103,20 +101,26 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     plan = module.__dict__.get("_vitfast_plan")
     if plan is None or not plan.complete:
         return NOT_SETTLED
-    key = _key(args, kwargs)
+    key = _key(args, kwargs, module._vitfast_switches())
     if key is None:
         return NOT_SETTLED
-    replay = plan.replays.get(key, plan)  # the plan itself stands for "not recorded yet"
+    replays = plan.replays
+    replay = replays.get(key, plan)  # the plan itself stands for "not recorded yet"
     if replay is None:
         return NOT_SETTLED
     if replay is not plan and replay.parameters_hold():
         return replay.run(_inputs(args, kwargs))
+    inputs = _inputs(args, kwargs)
+    if not inputs or not runtime.use_triton(inputs[0]):  # the ops run PyTorch: nothing to replay
+        replays[key] = None
+        return NOT_SETTLED
     if not _recording.acquire(blocking=False):
         return NOT_SETTLED
     try:
-        if len(plan.replays) >= _MAX_KEYS:
-            plan.replays.clear()
-        out, plan.replays[key] = Recorder(module, _inputs(args, kwargs)).record(args, kwargs)
+        if key not in replays and len(replays) >= _MAX_KEYS:
+            del replays[next(iter(replays))]  # the signature recorded longest ago
+        replays[key] = None  # a recording that raises (Unfusable) leaves the call checked
+        out, replays[key] = Recorder(module, inputs).record(args, kwargs)
     finally:
         _recording.release()
     return out
@@ -144,7 +148,7 @@ class Recorder:
         self.inputs = inputs
         self.spoiled: str | None = None
         self.quiet = 0  # inside a Triton launch: the interpreter's own tensor work is not the forward's
-        self.buffers: list[Tensor] = []
+        self.buffers: list[_Buffer] = []  # what each allocation was (the tensors themselves are not kept)
         self.fills: dict[int, float] = {}  # buffer index -> the value its allocation was filled with
         self.steps: list[tuple] = []  # ("alloc", j) / ("fill", j, value) / ("launch", ...), in order
         self.counted: list[tuple[str, tuple[torch.dtype, ...]]] = []
@@ -162,7 +166,7 @@ class Recorder:
         """Run the fused forward; (its output, the replay made of it or None)."""
         _launches.install()
         _active.busy = True
-        _dispatch.recording = True
+        _dispatch.recording_thread = self.thread
         runtime.launch_listener = self.count
         _launches.recorder = self
         try:
@@ -170,7 +174,7 @@ class Recorder:
                 out = self.module._fused_forward(*args, **kwargs)
         finally:
             _active.busy = False
-            _dispatch.recording = False
+            _dispatch.recording_thread = None
             runtime.launch_listener = None
             _launches.recorder = None
         return out, (None if self.spoiled else self._replay(out))
@@ -193,8 +197,11 @@ class Recorder:
             self.spoil(f"the fused path ran {func}")
 
     def _fresh(self, t: Tensor, fill: float | None) -> None:
+        if not t.numel():
+            return  # read by no launch (zero-size tensors are passed on as they are)
         j = len(self.buffers)
-        self.buffers.append(t)
+        self.buffers.append(_Buffer(t))
+        # An address freed earlier in the forward and reused now names the new allocation.
         self.storages[t.untyped_storage().data_ptr()] = (_BUF, j)
         self.steps.append(("alloc", j))
         if fill is not None:
@@ -202,19 +209,26 @@ class Recorder:
 
     def _buffer_of(self, t: Tensor, whole: bool = False) -> int | None:
         kind, j = self.storages.get(t.untyped_storage().data_ptr(), (None, None))
-        if kind != _BUF or (whole and (t.data_ptr() != self.buffers[j].data_ptr()
-                                       or t.numel() != self.buffers[j].numel())):
+        if kind != _BUF or (whole and (t.data_ptr() != self.buffers[j].data_ptr or t.numel() != self.buffers[j].numel)):
             return None
         return j
 
     def slot(self, t: Tensor) -> tuple | None:
-        """Where a tensor the forward passes on comes from: (kind, base, byte offset, view), or None."""
+        """Where a tensor the forward passes on comes from: (kind, base, byte offset, view), or None.
+        The view (shape, strides, element offset from the base, dtype) rebuilds it in the interpreter."""
         kind, base = self.storages.get(t.untyped_storage().data_ptr(), (None, None))
         if kind is None:
             return None
-        ref = self.inputs[base] if kind == _IN else self.buffers[base] if kind == _BUF else base
-        view = (tuple(t.shape), t.stride(), t.storage_offset() - ref.storage_offset())
-        return kind, base, t.data_ptr() - ref.data_ptr(), view
+        if kind == _BUF:
+            ptr, size = self.buffers[base].data_ptr, self.buffers[base].element_size
+        else:
+            ref = self.inputs[base] if kind == _IN else base
+            ptr, size = ref.data_ptr(), ref.element_size()
+        offset = t.data_ptr() - ptr
+        if size != t.element_size() or offset % size:
+            self.spoil("a tensor views its storage with another element size")
+            return None
+        return kind, base, offset, (tuple(t.shape), t.stride(), offset // size, t.dtype)
 
     def launched(self, fn, kernel, grid, args: tuple, kwargs: dict) -> None:
         names, defaults = fn.arg_names, _defaults(fn)
@@ -230,6 +244,7 @@ class Recorder:
                     self.spoil(f"a launch of {fn.__name__} reads a tensor made outside the forward's allocations")
                     return
                 slots.append((pos, *where))
+                values[pos] = None  # filled in per replay: no tensor of this call is kept alive
         self.steps.append(("launch", fn, kernel, tuple(grid), values, options, slots))
 
     def _replay(self, out: Any) -> Replay | None:
@@ -263,7 +278,7 @@ class Replay:
         used = {slot[2] for step in recorder.steps if step[0] == "launch" for slot in step[6] if slot[1] == _BUF}
         escaping = set()
         _escaping(outputs, escaping)
-        self.allocs = {j: (tuple(b.shape), b.stride(), b.dtype, b.device) for j, b in enumerate(bufs)}
+        self.allocs = {j: (b.shape, b.stride, b.dtype, b.device) for j, b in enumerate(bufs)}
         self.steps: list[tuple] = []
         last_use: dict[int, int] = {}
         for step in recorder.steps:
@@ -281,13 +296,14 @@ class Replay:
                 self.steps.append(step)
         self.frees = {i: tuple(j for j, last in last_use.items() if last == i and j not in escaping)
                       for i in range(len(self.steps))}
-        for where, j, _, (size, stride, offset) in _slots(outputs):
+        for where, j, _, (size, stride, offset, _) in _slots(outputs):
             _, _, dtype, device = self.allocs[j] if where == _BUF else (None,) * 4
             if where == _BUF and offset == 0 and _numel(size) == _numel(self.allocs[j][0]) and _contiguous(size, stride):
                 self.allocs[j] = (size, stride, dtype, device)  # allocated as returned: no view to make
         self.outputs = outputs
         self.counted = tuple(recorder.counted)
-        self.compiled = all(step[2] is not None for step in self.steps if step[0] == "launch")
+        launches = [step for step in self.steps if step[0] == "launch"]
+        self.compiled = bool(launches) and all(step[2] is not None for step in launches)
         params = {id(s[2]): s[2] for step in self.steps if step[0] == "launch" for s in step[6] if s[1] == _PARAM}
         self.params = tuple(params.values())
         self.param_meta = tuple(_meta(p) for p in self.params)
@@ -300,7 +316,11 @@ class Replay:
     def run(self, inputs: list[Tensor]) -> Any:
         counting = runtime._launch_counts is not None or runtime._launch_dtypes is not None
         _active.busy = True
+        profiling = torch.autograd.profiler._is_profiler_enabled
+        scope = torch.profiler.record_function("vitfast::replay") if profiling else None
         try:
+            if scope is not None:
+                scope.__enter__()
             if self.device_index is not None and self.device_index != torch.cuda.current_device():
                 with torch.cuda.device(self.device_index):
                     bufs = self._run(inputs)
@@ -311,6 +331,8 @@ class Replay:
                     bufs = self._run(inputs)
         finally:
             _active.busy = False
+            if scope is not None:
+                scope.__exit__(None, None, None)
         if counting:
             for op, dtypes in self.counted:
                 runtime.record_replayed_launch(op, dtypes)
@@ -339,8 +361,7 @@ class Replay:
                 values = list(values)
                 for pos, where, base, offset, view in slots:
                     ref = inputs[base] if where == _IN else bufs[base] if where == _BUF else base
-                    values[pos] = ref.data_ptr() + offset if compiled else ref.as_strided(
-                        view[0], view[1], ref.storage_offset() + view[2])
+                    values[pos] = ref.data_ptr() + offset if compiled else _view(ref, view)
                 if compiled:
                     meta = kernel.launch_metadata(grid, stream, *values) if hooks[0] is not None else None
                     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
@@ -350,6 +371,24 @@ class Replay:
                 for j in self.frees[i]:
                     bufs[j] = None
         return bufs
+
+
+class _Buffer:
+    """What a recorded allocation was: where, and how to allocate it again."""
+
+    __slots__ = ("data_ptr", "numel", "element_size", "shape", "stride", "dtype", "device")
+
+    def __init__(self, t: Tensor):
+        self.data_ptr, self.numel, self.element_size = t.data_ptr(), t.numel(), t.element_size()
+        self.shape, self.stride, self.dtype, self.device = tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _view(ref: Tensor, view: tuple) -> Tensor:
+    """The recorded view (shape, strides, element offset, dtype) of ``ref``, for the interpreter."""
+    size, stride, offset, dtype = view
+    if ref.dtype != dtype:
+        ref = ref.view(dtype)
+    return ref.as_strided(size, stride, ref.storage_offset() + offset)
 
 
 def _meta(t: Tensor) -> tuple:
@@ -400,11 +439,11 @@ def _defaults(fn) -> dict[str, Any]:
 
 def _rebuild(template: Any, inputs: list[Tensor], bufs: list[Tensor | None]) -> Any:
     if _is_slot(template):
-        where, base, _, (size, stride, offset) = template
+        where, base, _, view = template
         ref = inputs[base] if where == _IN else bufs[base]
-        if ref.shape == size and ref.stride() == stride and offset == 0:
+        if ref.shape == view[0] and ref.stride() == view[1] and view[2] == 0 and ref.dtype == view[3]:
             return ref
-        return ref.as_strided(size, stride, ref.storage_offset() + offset)
+        return _view(ref, view)
     if type(template) in (tuple, list):
         return type(template)(_rebuild(t, inputs, bufs) for t in template)
     return template
@@ -425,7 +464,7 @@ class _Launches:
 
         for cls in (jit.JITFunction, interpreter.InterpretedFunction):
             cls.run = self._wrap(cls.run)
-        autotuner.Autotuner.run = self._wrap_tuner(autotuner.Autotuner.run)
+        autotuner.Autotuner._bench = self._quiet(autotuner.Autotuner._bench)
         self.installed = True
 
     def _wrap(self, run):
@@ -444,23 +483,21 @@ class _Launches:
             return kernel
         return recorded_run
 
-    def _wrap_tuner(self, run):
+    def _quiet(self, bench):
+        """The autotuner's benchmarking launches are not the forward's; the launch it then makes with
+        the config it picked goes through ``JITFunction.run`` and is recorded there."""
         launches = self
 
-        def recorded_tuner_run(tuner, *args, **kwargs):
+        def quiet_bench(tuner, *args, **kwargs):
             recorder = launches.recorder
-            if recorder is None or recorder.quiet or recorder.thread != threading.get_ident():
-                return run(tuner, *args, **kwargs)
-            recorder.quiet += 1  # its benchmarking launches, and the launch it then makes, are seen here
+            if recorder is None or recorder.thread != threading.get_ident():
+                return bench(tuner, *args, **kwargs)
+            recorder.quiet += 1
             try:
-                kernel = run(tuner, *args, **kwargs)
+                return bench(tuner, *args, **kwargs)
             finally:
                 recorder.quiet -= 1
-            meta = {**kwargs, **tuner.best_config.all_kwargs()}
-            recorder.launched(tuner.fn, kernel if hasattr(kernel, "packed_metadata") else None, kwargs.get("grid"),
-                              args, meta)
-            return kernel
-        return recorded_tuner_run
+        return quiet_bench
 
 
 _launches = _Launches()

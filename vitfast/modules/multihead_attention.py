@@ -105,6 +105,9 @@ class MultiheadAttention(Fused, nn.MultiheadAttention):
     def _vitfast_unsupported(self) -> str | None:
         return unsupported_reason(self)
 
+    def _vitfast_switches(self) -> tuple:
+        return torch.backends.mha.get_fastpath_enabled(), torch.is_autocast_enabled()  # _takes_native_path's
+
     def _vitfast_declines(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                           need_weights: bool = True, attn_mask: Tensor | None = None,
                           average_attn_weights: bool = True, is_causal: bool = False) -> bool:

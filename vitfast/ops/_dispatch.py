@@ -1,6 +1,8 @@
 """Which path a validated call takes: the Triton kernels, or PyTorch with one warning per reason."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -39,9 +41,9 @@ def custom_op(name: str, **options):
     return register
 
 
-# Set while a stand-in records a forward for replay (vitfast/modules/_replay.py): its dispatch mode
-# watches the plain calls' aten ops, and is the one mode that may be on the stack for them.
-recording = False
+# The thread on which a stand-in records a forward for replay (vitfast/modules/_replay.py): its
+# dispatch mode watches the plain calls' aten ops, and is the one mode that may be on that stack.
+recording_thread: int | None = None
 
 
 def call(op, *args):
@@ -51,11 +53,13 @@ def call(op, *args):
 
     * gradients off, or no argument that requires one;
     * no autocast on the arguments' device, no torch.compile, torch.jit tracing or torch.func
-      transform, no torch function or dispatch mode (but the replay recorder's);
+      transform, no torch function or dispatch mode (but the replay recorder's), no profiler (which
+      shows each ``vitfast::`` op);
     * every tensor a plain ``torch.Tensor`` or ``nn.Parameter`` (no subclass: DTensor, FakeTensor).
     """
+    watched = recording_thread is not None and recording_thread == threading.get_ident()
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() != int(recording)
+            or torch._C._len_torch_dispatch_stack() != watched or torch.autograd.profiler._is_profiler_enabled
             or torch._C._functorch.maybe_current_level() is not None):
         return op(*args)
     grad = torch.is_grad_enabled()
