@@ -1,14 +1,18 @@
 """Where the kernels run: in Triton's interpreter or compiled, and for which GPU.
 
-Launch configs come from rules (``_configs``), chosen per launch by ``_select``;
-``VITFAST_AUTOTUNE``, which switched Triton's autotuners off, is gone with them.
+Launch configs come from rules (``_configs``) or tuned picks (``_tuned``), chosen per launch by
+``_select``; ``VITFAST_AUTOTUNE``, which switched Triton's autotuners off, is gone with them.
 """
 from __future__ import annotations
 
 import functools
 import os
 
+import torch
 import triton
+
+# The device name and architecture of launches that run in Triton's interpreter.
+INTERPRETER = "Triton interpreter"
 
 
 def interpreting() -> bool:
@@ -19,8 +23,13 @@ def interpreting() -> bool:
 
 
 @functools.cache
-def device_arch(device: int) -> int | str:
-    """The architecture the rules choose for, for launches on the device of ``Tensor.get_device()``
-    (-1 for CPU tensors, which a stand-in driver may compile for): Triton's current target, 90 for
-    sm_90. Launches run on the current device, so that is the tensors' device."""
-    return triton.runtime.driver.active.get_current_target().arch
+def device_facts(device: int) -> tuple[str, int | str]:
+    """(name, architecture) of the device whose tensors a launch takes (``Tensor.get_device()``, -1 for
+    CPU tensors). The name keys the tuned-picks file; the architecture, Triton's target (90 for sm_90),
+    keys the rules. Under the interpreter both are ``INTERPRETER``; for CPU tensors compiled through a
+    stand-in driver (host-time measurements) the name is the target's."""
+    if interpreting():
+        return INTERPRETER, INTERPRETER
+    target = triton.runtime.driver.active.get_current_target()
+    name = torch.cuda.get_device_name(device) if device >= 0 else f"{target.backend} {target.arch} (no device)"
+    return name, target.arch

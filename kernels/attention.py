@@ -404,8 +404,11 @@ ATTENTION_DQ = _select.kernel("attention_bwd_dq", _attention_bwd_dq_kernel, _con
 def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, tile: str, n: int, programs_per_tile: int,
             args: tuple, meta: dict) -> None:
     """Launch cdiv(n, tile) · programs_per_tile programs in the config chosen for ``key``."""
-    cfg = _select.config(kernel, args[0].get_device(), key)
-    launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args, {**meta, **_select.tile_meta(cfg)})
+    def run(cfg: triton.Config) -> None:
+        launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args,
+               {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(kernel, args[0].get_device(), key, run))
 
 
 def _key(B: int, H: int, N_Q: int, N_KV: int, d: int, dtype: torch.dtype, meta: dict) -> _configs.AttentionKey:

@@ -143,9 +143,11 @@ def gated_linear_fwd(
                            gate_weight.stride(1) == 1 and value_weight.stride(1) == 1, precision, activation,
                            False, z is not None, seed is not None)
 
-    cfg = _select.config(GATED_LINEAR, x.get_device(), key)
-    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(H, cfg.kwargs["BLOCK_N"]),)
-    launch(_gated_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(H, cfg.kwargs["BLOCK_N"]),)
+        launch(_gated_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(GATED_LINEAR, x.get_device(), key, run))
 
 
 @triton.jit

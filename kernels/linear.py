@@ -257,9 +257,11 @@ def linear_fwd(
                            weight.stride(1) == 1, precision, activation, residual is not None, z is not None,
                            seed is not None)
 
-    cfg = _select.config(LINEAR, x.get_device(), key)
-    grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-    launch(_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        launch(_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(LINEAR, x.get_device(), key, run))
 
 
 @triton.jit

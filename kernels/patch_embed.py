@@ -209,9 +209,11 @@ def _launch(kernel: _select.Kernel, rows: int, cols: int, reduction: int, splits
     ``dtype`` operands, times ``splits`` slices of the reduction, in the config chosen for that shape."""
     key = _configs.PatchKey(triton.next_power_of_2(rows), cols, reduction, splits, dtype, meta["INPUT_PRECISION"])
 
-    cfg = _select.config(kernel, args[0].get_device(), key)
-    grid = (triton.cdiv(rows, cfg.kwargs["BLOCK_M"]) * triton.cdiv(cols, cfg.kwargs["BLOCK_N"]), splits)
-    launch(kernel.fn, grid, args, {**meta, **_select.tile_meta(cfg)})
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(rows, cfg.kwargs["BLOCK_M"]) * triton.cdiv(cols, cfg.kwargs["BLOCK_N"]), splits)
+        launch(kernel.fn, grid, args, {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(kernel, args[0].get_device(), key, run))
 
 
 def _input_precision(images: torch.Tensor) -> str:

@@ -4,10 +4,10 @@
 >>> model = vitfast.optimize(model)          # the model you have, on fused kernels
 >>> print(model.vitfast_report)              # what was swapped, and what was left alone and why
 """
-from . import modules, ops, reference, runtime
+from . import modules, ops, reference, runtime, tuning
 from .convert import Report, optimize
 from .modules import FastTransformerEncoder, FastTransformerEncoderLayer
 
 __version__ = "0.1.0"
 __all__ = ["FastTransformerEncoder", "FastTransformerEncoderLayer", "Report", "modules", "ops", "optimize",
-           "reference", "runtime", "__version__"]
+           "reference", "runtime", "tuning", "__version__"]
