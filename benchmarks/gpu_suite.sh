@@ -132,8 +132,8 @@ elif chosen memcheck; then
     codes+=(0)
 fi
 
-# warm_cache.py compiles the kernels of ViT-B's forward at each batch size into the disk cache, so
-# the profile and the bench do not wait for them.
+# warm_cache.py compiles the kernels of ViT-B's forward at each batch size on every core at once
+# (vitfast.compile_ahead) into the disk cache, so the profile and the bench do not wait for them.
 step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256
 
 # Which kernels the time goes to, vitfast against the reference eager, and the registers, spills and

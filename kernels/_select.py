@@ -6,8 +6,9 @@ kernel in a given config. Outside a session the answer costs a dictionary lookup
 launch of each key: the rule, or the file's pick (read lazily on a device's first launch), is
 remembered per (kernel, device, key) for the life of the process. Inside a session
 (``vitfast.tuning.tune``) each key not yet measured in it is measured: every candidate the kernel's
-pruner keeps runs under the session's timer, the fastest is kept, launched, and saved with the others
-when the session closes. Sessions are process-wide: tune from one thread.
+pruner keeps is compiled (all at once, ``_precompile``) and run under the session's timer, the
+fastest is kept, launched, and saved with the others when the session closes. Sessions are
+process-wide: tune from one thread.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import triton
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from . import _configs, _tuned
+from . import _configs, _precompile, _tuned
 from ._tuning import device_facts, interpreting
 
 # A timer takes a function that launches the kernel once and returns its time in ms.
@@ -105,7 +106,12 @@ def _measure(session: Session, k: Kernel, device: int, key: tuple, run: Callable
     if done is not None:
         return done.config
     best = _tuned.Pick(_default(k, device, key), None)
-    for candidate in k.candidates(key):
+    candidates = k.candidates(key)
+    if not interpreting():  # compile them all at once, on every core, before timing them one by one
+        with _precompile.compiling():
+            for candidate in candidates:
+                run(candidate)
+    for candidate in candidates:
         try:
             ms = session.timer(lambda: run(candidate))
         except _UNFIT:
