@@ -123,7 +123,6 @@ GATED_CANDIDATES = tile_configs([
 ])
 
 
-
 def _gemm_tile(configs: list[triton.Config], bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
     """The config of ``configs`` with these tiles, stages and warps (the rules pick from the lists)."""
     return next(c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
@@ -176,6 +175,7 @@ def _gemm_rule(pick: triton.Config, candidates: list[triton.Config], weight_tile
     """``pick`` where the key's rows give a wave of its tiles, else smaller lean tiles (see _LEAN_ACC_REGS)."""
     lean = [c for c in candidates if _acc_regs(c, weight_tiles) <= _LEAN_ACC_REGS]
     fitting = prune_tiles([pick, *lean], key.m, key.n, key.k, key.dtype.itemsize, weight_tiles)
+
     def programs(c: triton.Config) -> int:
         return triton.cdiv(key.m, c.kwargs["BLOCK_M"]) * triton.cdiv(key.n, c.kwargs["BLOCK_N"])
     return by_waves(fitting, programs, SM90_WAVE)
