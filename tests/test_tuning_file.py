@@ -135,3 +135,12 @@ def test_tune_command_without_cuda_says_so(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="python -m vitfast tune: timing kernels needs a CUDA device"):
         main(["tune", "--model", "vit_tiny", "--batch", "1"])
+
+
+def test_tuning_file_location(tmp_path, monkeypatch):
+    monkeypatch.delenv("VITFAST_TUNING_FILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _tuned.default_path("NVIDIA H100 80GB HBM3") == tmp_path / "vitfast" / "tuning-nvidia-h100-80gb-hbm3.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _tuned.default_path("NVIDIA H200") == tmp_path / ".cache" / "vitfast" / "tuning-nvidia-h200.json"
