@@ -96,7 +96,7 @@ def _default(k: Kernel, device: int, key: tuple) -> triton.Config:
     if loaded is None:
         path = _tuned.default_path(name)
         loaded = _files[name] = _File(path, _tuned.load(path, name))
-    tuned = _tuned.pick(loaded.path, loaded.kernels, k.name, _tuned.source_hash(k.fn), key, set(fallback.kwargs))
+    tuned = _tuned.pick(loaded.path, loaded.kernels, k.name, k.fn, key, set(fallback.kwargs))
     return fallback if tuned is None else tuned
 
 

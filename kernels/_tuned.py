@@ -159,15 +159,15 @@ def load(path: Path, gpu: str) -> dict[str, KernelPicks]:
     return kernels
 
 
-def pick(path: Path, kernels: dict[str, KernelPicks], name: str, source: str, key: tuple,
+def pick(path: Path, kernels: dict[str, KernelPicks], name: str, fn: Any, key: tuple,
          params: set[str]) -> triton.Config | None:
     """Kernel ``name``'s pick for ``key`` in the loaded ``kernels`` of ``path``: None when there is
-    none, and, with one warning per file, when the kernel's source changed since tuning (``source``
-    now) or the pick does not set exactly the constexprs ``params``."""
+    none, and, with one warning per file, when the kernel's source changed since tuning (``fn`` is
+    the jit function now loaded) or the pick does not set exactly the constexprs ``params``."""
     section = kernels.get(name)
     if section is None:
         return None
-    if section.source != source:
+    if section.source != source_hash(fn):
         warn_once(path, "stale", f"tuned configs for {name} in {path} ignored: the kernel changed since "
                                  "they were measured; the rules choose (rerun `python -m vitfast tune`)")
         return None
