@@ -7,7 +7,7 @@
 # open_clip, which the GPU image lacks), print the GPU, the GPU parity tests (pytest -m gpu),
 # `python -m vitfast check`, one compute-sanitizer memcheck pass over a small optimized forward, the
 # rest of the test suite on CUDA (bf16 included), a kernel-by-kernel profile of ViT-B with the
-# registers, spills and shared memory of each kernel config the autotuner picked, the kernel
+# registers, spills and shared memory of each kernel config that ran, the kernel
 # benchmarks (pytest-benchmark) and `python -m vitfast bench` over ViT-B/S/L at batch 1, 32 and 256,
 # with ViT-B's training step (forward + backward under bf16 autocast, fp32 parameters) at batch 128
 # right after ViT-B's inference rows, in the same result files and under the same --budget.
@@ -111,12 +111,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/vitfast-wheels"
 fi
 
-# VITFAST_AUTOTUNE=0: one config per kernel and shape (kernels/_tuning.py), else autotuning dozens of
-# test shapes eats the budget. No -x: one GPU run should show every failure it can.
+# Each kernel launches the one config its rule picks (kernels/_configs.py): a new test shape costs one
+# compile per kernel variant, no autotuning. No -x: one GPU run should show every failure it can.
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n "${VITFAST_TEST_WORKERS:-15}")
-step gpu-tests 90 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m gpu "${workers[@]}" tests
-step check 60 env VITFAST_AUTOTUNE=0 "$py" -m vitfast check
+step gpu-tests 90 "$py" -m pytest -q -m gpu "${workers[@]}" tests
+step check 60 "$py" -m vitfast check
 
 sanitizer="$(command -v compute-sanitizer || true)"
 for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
@@ -124,7 +124,7 @@ for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
 done
 if [[ -n $sanitizer ]]; then
     # Without PyTorch's caching allocator an out-of-bounds access cannot hide inside a pooled block.
-    step memcheck 40 env VITFAST_AUTOTUNE=0 PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    step memcheck 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 \
         "$py" benchmarks/memcheck_forward.py
 elif chosen memcheck; then
     say "== memcheck: skipped, compute-sanitizer is neither on PATH nor in /usr/local/cuda*/bin"
@@ -132,12 +132,12 @@ elif chosen memcheck; then
     codes+=(0)
 fi
 
-# Triton's autotuner compiles its candidates one by one (about a second each); warm_cache.py compiles
-# ViT-B's in parallel processes into the disk cache, so the profile and the bench only time them.
-step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256 --procs 14
+# warm_cache.py compiles the kernels of ViT-B's forward at each batch size on every core at once
+# (vitfast.compile_ahead) into the disk cache, so the profile and the bench do not wait for them.
+step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256
 
 # Which kernels the time goes to, vitfast against the reference eager, and the registers, spills and
-# shared memory of each config the autotuner picked (for benchmarks/NOTES.md).
+# shared memory of each config that ran (for benchmarks/NOTES.md).
 step profile 45 "$py" benchmarks/profile_vit.py --batch 64 --baseline --rows 15 --kernel-stats
 
 # pytest exits 5 when it collects nothing; that is no failure of the suite (a -k selection may empty it).
@@ -154,7 +154,7 @@ step kernel-benchmarks-rope-glu 60 "$py" -m pytest -q --benchmark-json="$out/ker
 
 # The rest of the test suite, last before the bench: it takes whatever the budget leaves (the whole
 # suite needs more than one session's GPU time alongside the other steps; select it on its own).
-step tests 600 env VITFAST_AUTOTUNE=0 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=150 tests
+step tests 600 "$py" -m pytest -q -m "not gpu" "${workers[@]}" --maxfail=150 tests
 
 # The training row (issue 13's target: ViT-B bf16 batch 128) comes after ViT-B's inference rows and before
 # ViT-S/L's, so that the budget, which ViT-S/L already outrun, spends itself on ViT-B first; a row the

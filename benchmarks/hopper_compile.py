@@ -1,12 +1,15 @@
 """Compile every vitfast kernel for Hopper (sm_90) without a GPU: ``triton.compile`` to PTX and cubin.
 
-    python benchmarks/hopper_compile.py          # each kernel variant in its first config after pruning
-    python benchmarks/hopper_compile.py --all    # every config the autotuner would keep
+    python benchmarks/hopper_compile.py                     # each kernel variant in the config its sm_90 rule picks
+    python benchmarks/hopper_compile.py --batch 1 32 256    # ... at these batch sizes (default 256)
+    python benchmarks/hopper_compile.py --all               # every candidate that tuning would measure
 
 The interpreter proves what the kernels compute; this proves the installed Triton turns them into
-sm_90 code (wgmma where the tiles allow it) and reports the shared memory each config uses. Run it
-with the Triton of the GPU image (3.6) before a GPU session to find compile errors for free.
-``TRITON_INTERPRET`` must be unset: the interpreter replaces the kernels with Python functions.
+sm_90 code (wgmma where the tiles allow it) in the configs the rules pick, and that each fits the
+227 KiB of shared memory an sm_90 block may use (a config over it fails here, as it would fail to
+load on the GPU). Run it with the Triton of the GPU image (3.6) before a GPU session to find compile
+errors for free. ``TRITON_INTERPRET`` must be unset: the interpreter replaces the kernels with Python
+functions. Variants are ViT-B/16 shapes at 224 px (197 tokens, 12 heads) unless their name says.
 """
 from __future__ import annotations
 
@@ -15,22 +18,29 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+
+SMEM_LIMIT = 227 * 1024  # what one sm_90 block may use
 
 
 @dataclass
 class Variant:
     name: str
-    kernel: object  # the @triton.jit function, or the Autotuner wrapping it
+    kernel: object  # the @triton.jit function, or the kernels._select.Kernel whose config a rule picks
     pointers: dict[str, str]  # argument -> element type ("bf16", "fp32", "u8", ...)
     constexprs: dict[str, object]
-    prune_args: dict[str, object] = field(default_factory=dict)  # what the autotune pruner reads
+    key: Callable[[int], tuple] | None = None  # batch size -> the launch key the rule and candidates read
     floats: tuple[str, ...] = ()
-    config: dict = field(default_factory=dict)  # fixed launch config for kernels without autotuning
+    config: dict = field(default_factory=dict)  # fixed launch config of a kernel without a rule
 
 
 def variants() -> list[Variant]:
+    import triton
+
+    from vitfast.kernels import _configs as C
     from vitfast.kernels import attention as A
     from vitfast.kernels import gated_linear as G
     from vitfast.kernels import layer_norm as LN
@@ -39,8 +49,10 @@ def variants() -> list[Variant]:
     from vitfast.kernels import patch_embed as PE
 
     bf, f32 = "bf16", "fp32"
+    torch_dtype = {bf: torch.bfloat16, f32: torch.float32}
+    tokens = 197
     out: list[Variant] = []
-    bm, bn, warps = LN._launch_config(768)
+    bm, bn, warps = C.layer_norm_config(768)
     ln_cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
     out.append(Variant("layer_norm fwd + residual, 768", LN._layer_norm_fwd_kernel,
                        dict(X=bf, R=bf, Y=bf, S=bf, W=f32, B=f32, MEAN=f32, RSTD=f32),
@@ -50,19 +62,28 @@ def variants() -> list[Variant]:
                        dict(DY=bf, DS=bf, XIN=bf, W=f32, MEAN=f32, RSTD=f32, DX=bf, DW_PART=f32, DB_PART=f32),
                        dict(HAS_DS=True, HAS_WEIGHT=True, COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True),
                        config=ln_cfg))
-    big = dict(M=50432, N=3072, K=768, X=torch.empty(0, dtype=torch.bfloat16))
     drop = ("dropout_p", "keep_scale")
-    # (dtype, activation, precision, dropout and row scale): the last is an out-projection in training.
-    for dtype, act, prec, dropping in ((bf, "gelu", "ieee", False), (bf, "none", "ieee", False),
-                                       (f32, "gelu_tanh", "tf32", False), (bf, "none", "ieee", True)):
-        ptrs = {n: dtype for n in ("X", "W", "B", "R", "Y", "Z")}
-        tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
-        label = f"linear {dtype} {act} + residual{' + scale' if act == 'none' else ''}"
-        out.append(Variant(label + (" + dropout + row scale" if dropping else ""), L._linear_kernel,
-                           {**ptrs, "S": f32, "SEED": "i64", "ROW_SCALE": f32},
-                           dict(ACTIVATION=act, HAS_BIAS=True, HAS_SCALE=act == "none", HAS_RESIDUAL=True,
+
+    def gemm_key(n, k, dtype, prec, act, residual, dropping):
+        return lambda batch: C.GemmKey(triton.next_power_of_2(batch * tokens), n, k, torch_dtype[dtype],
+                                       torch_dtype[dtype], True, True, prec, act, residual, act != "none", dropping)
+
+    # ViT-B's GEMM sites (QKV, fc1 + GELU, fc2 + residual + LayerScale, fc1 in fp32 with TF32) and an
+    # out-projection in training (dropout and stochastic depth's row scale).
+    for site, dtype, (n, k), act, residual, prec, dropping in (
+            ("qkv", bf, (2304, 768), "none", False, "ieee", False),
+            ("fc1", bf, (3072, 768), "gelu", False, "ieee", False),
+            ("fc2", bf, (768, 3072), "none", True, "ieee", False),
+            ("fc1", f32, (3072, 768), "gelu_tanh", False, "tf32", False),
+            ("proj", bf, (768, 768), "none", True, "ieee", True)):
+        label = (f"linear {dtype} {site} {act}{' + residual + scale' if residual else ''}"
+                 f"{' + dropout + row scale' if dropping else ''}")
+        out.append(Variant(label, L.LINEAR, {**{p: dtype for p in ("X", "W", "B", "R", "Y", "Z")},
+                                            "S": f32, "SEED": "i64", "ROW_SCALE": f32},
+                           dict(ACTIVATION=act, HAS_BIAS=True, HAS_SCALE=residual, HAS_RESIDUAL=residual,
                                 STORE_PREACT=act != "none", DROPOUT=dropping, HAS_ROW_SCALE=dropping,
-                                INPUT_PRECISION=prec), {**big, "X": tensor}, floats=drop))
+                                INPUT_PRECISION=prec), gemm_key(n, k, dtype, prec, act, residual, dropping),
+                           floats=drop))
     epilogue_cfg = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)
     for act, scale, dropping in (("gelu", False, False), ("gelu", True, False), ("none", True, False),
                                  ("silu", False, False), ("gelu", False, True), ("none", True, True)):
@@ -71,28 +92,36 @@ def variants() -> list[Variant]:
                            dict(DY=bf, Z=bf, S=f32, DZ=bf, DS_PART=f32, SEED="i64", ROW_SCALE=f32),
                            dict(ACTIVATION=act, HAS_SCALE=scale, STORE_DZ=True, COMPUTE_DSCALE=scale, READ_Z=True,
                                 DROPOUT=dropping, HAS_ROW_SCALE=dropping), config=epilogue_cfg, floats=drop))
-    # EVA02-B's SwiGLU fc1 at batch 256: 256·257 tokens, 768 -> 2·2048.
-    gated = dict(M=65792, H=2048, K=768)
+    # EVA02-B's SwiGLU fc1: 257 tokens per image, 768 -> 2·2048.
     for dtype, act, preact, prec, dropping in ((bf, "silu", True, "ieee", False), (bf, "gelu", False, "ieee", False),
                                                (f32, "silu", True, "tf32", False), (bf, "silu", True, "ieee", True)):
-        tensor = torch.empty(0, dtype=torch.bfloat16 if dtype == bf else torch.float32)
         label = f"gated_linear {dtype} {act}{' + preact' if preact else ''}{' + dropout' if dropping else ''}"
-        out.append(Variant(label, G._gated_linear_kernel,
+
+        def gated_key(batch, dtype=dtype, prec=prec, act=act, preact=preact, dropping=dropping):
+            return C.GemmKey(triton.next_power_of_2(batch * 257), 2048, 768, torch_dtype[dtype], torch_dtype[dtype],
+                             True, True, prec, act, False, preact, dropping)
+        out.append(Variant(label, G.GATED_LINEAR,
                            {**{n: dtype for n in ("X", "WG", "WV", "BG", "BV", "Y", "Z")}, "SEED": "i64"},
                            dict(ACTIVATION=act, HAS_GATE_BIAS=True, HAS_VALUE_BIAS=True, STORE_PREACT=preact,
-                                DROPOUT=dropping, INPUT_PRECISION=prec), {**gated, "X": tensor}, floats=drop))
+                                DROPOUT=dropping, INPUT_PRECISION=prec), gated_key, floats=drop))
     for dropping in (False, True):
         out.append(Variant(f"gated_linear epilogue bwd silu{' + dropout' if dropping else ''}",
                            G._gated_epilogue_bwd_kernel, dict(DY=bf, Z=bf, DZ=bf, SEED="i64"),
                            dict(ACTIVATION="silu", DROPOUT=dropping), config=epilogue_cfg, floats=drop))
-    pe_prune = dict(D=768, K=768, TOKENS_PER_SPLIT=50176, X=torch.empty(0, dtype=torch.bfloat16),
-                    W=torch.empty(0, dtype=torch.bfloat16))
     pe_common = dict(P=16, PREFIX=1, INPUT_PRECISION="ieee")
-    out.append(Variant("patch_embed fwd 224/16 + CLS + pos", PE._patch_embed_autotuned,
+    patches, width, pixels = tokens - 1, 768, 3 * 16 * 16
+
+    def patch_key(rows, cols, reduction, splits=lambda batch: 1):
+        return lambda batch: C.PatchKey(triton.next_power_of_2(rows(batch)), cols, reduction(batch), splits(batch),
+                                        torch.bfloat16, "ieee")
+    out.append(Variant("patch_embed fwd 224/16 + CLS + pos", PE.PATCH_EMBED,
                        dict(X=bf, W=bf, BIAS=f32, CLS=f32, CLS_POS=f32, POS=f32, OUT=bf),
-                       dict(pe_common, HAS_BIAS=True, HAS_CLS_POS=True, HAS_POS=True), pe_prune))
-    out.append(Variant("patch_embed dweight", PE._dweight_autotuned, dict(DT=bf, X=bf, DW=f32), pe_common, pe_prune))
-    out.append(Variant("patch_embed dimages", PE._dimages_autotuned, dict(DT=bf, W=bf, DX=bf), pe_common, pe_prune))
+                       dict(pe_common, HAS_BIAS=True, HAS_CLS_POS=True, HAS_POS=True),
+                       patch_key(lambda b: b * patches, width, lambda b: pixels)))
+    out.append(Variant("patch_embed dweight", PE.PATCH_EMBED_DWEIGHT, dict(DT=bf, X=bf, DW=f32), pe_common,
+                       patch_key(lambda b: width, pixels, lambda b: 1024, lambda b: max(1, b * patches // 1024))))
+    out.append(Variant("patch_embed dimages", PE.PATCH_EMBED_DIMAGES, dict(DT=bf, W=bf, DX=bf), pe_common,
+                       patch_key(lambda b: b * patches, pixels, lambda b: width)))
     # (head size, mask kind, padding-mask kind, causal, rope kind, queries, dropout): masks, RoPE (1
     # interleaved, 2 half, on a head size that is not a power of two), short queries (16-row tiles) and
     # dropout on the probabilities.
@@ -104,18 +133,21 @@ def variants() -> list[Variant]:
         kpm_t = {0: f32, 1: "u8", 2: bf}[kpm_kind]
         consts = dict(HEAD_DIM=d, MASK_KIND=mask_kind, KPM_KIND=kpm_kind, IS_CAUSAL=causal, ROPE=rope,
                       DROPOUT=dropping, BLOCK_D=1 << (d - 1).bit_length())
-        prune = dict(N_Q=n_q, N_KV=n_q if rope else 197, HEAD_DIM=d, Q=torch.empty(0, dtype=torch.bfloat16))
+        def attention_key(batch, d=d, mask_kind=mask_kind, kpm_kind=kpm_kind, causal=causal, rope=rope, n_q=n_q,
+                          dropping=dropping):
+            return C.AttentionKey(triton.next_power_of_2(batch * 12), n_q, n_q if rope else tokens, d, torch.bfloat16,
+                                  mask_kind, kpm_kind, causal, rope, dropping)
         label = (f"d={d} mask={mask_kind} kpm={kpm_kind}{' causal' if causal else ''}"
                  f"{f' rope={rope}' if rope else ''}{f' N_Q={n_q}' if n_q < 16 else ''}"
                  f"{' dropout' if dropping else ''}")
-        out.append(Variant(f"attention fwd {label}", A._fwd_autotuned,
+        out.append(Variant(f"attention fwd {label}", A.ATTENTION_FWD,
                            dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, MASK=mask_t, KPM=kpm_t, TAB=f32, SEED="i64"), consts,
-                           prune, floats=("qk_scale", *drop)))
+                           attention_key, floats=("qk_scale", *drop)))
         bwd = dict(Q=bf, K=bf, V=bf, DO=bf, LSE=f32, DELTA=f32, DK=bf, DV=bf, DQ=bf, MASK=mask_t, KPM=kpm_t,
                    TAB=f32, SEED="i64")
-        out.append(Variant(f"attention bwd dK/dV {label}", A._dkdv_autotuned, bwd, consts, prune,
+        out.append(Variant(f"attention bwd dK/dV {label}", A.ATTENTION_DKDV, bwd, consts, attention_key,
                            floats=("qk_scale", "sm_scale", *drop)))
-        out.append(Variant(f"attention bwd dQ {label}", A._dq_autotuned, bwd, consts, prune,
+        out.append(Variant(f"attention bwd dQ {label}", A.ATTENTION_DQ, bwd, consts, attention_key,
                            floats=("qk_scale", "sm_scale", *drop)))
     out.append(Variant("attention bwd delta d=64", A._attention_bwd_delta_kernel,
                        dict(O=bf, DO=bf, DLSE=f32, DELTA=f32), dict(HEAD_DIM=64, HAS_DLSE=True, BLOCK_D=64),
@@ -125,18 +157,20 @@ def variants() -> list[Variant]:
     return out
 
 
-def _configs(v: Variant, every: bool) -> list[tuple[dict, int, int]]:
-    """(constexpr tile sizes, num_warps, num_stages) to compile, as the autotuner would keep them."""
+def _configs(v: Variant, every: bool, batches: list[int]) -> list[tuple[dict, int, int]]:
+    """(constexpr tile sizes, num_warps, num_stages) to compile, each once: the sm_90 rule's pick at each
+    batch size, or every candidate tuning would measure there."""
     if v.config:
         c = dict(v.config)
         return [(c, c.pop("num_warps"), c.pop("num_stages"))]
-    tuner = v.kernel
-    configs = tuner.configs
-    prune = getattr(tuner, "early_config_prune", None)
-    if prune is not None:
-        configs = prune(configs, {**v.constexprs, **v.prune_args})
-    configs = configs if every else configs[:1]
-    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+    out = []
+    for batch in batches:
+        key = v.key(batch)
+        for c in v.kernel.candidates(key) if every else [v.kernel.rule(90, key)]:
+            entry = (dict(c.kwargs), c.num_warps, c.num_stages)
+            if entry not in out:
+                out.append(entry)
+    return out
 
 
 def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, capability: int = 90):
@@ -145,7 +179,7 @@ def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, ca
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    fn = v.kernel if isinstance(v.kernel, JITFunction) else v.kernel.fn  # the Autotuner's JITFunction
+    fn = v.kernel if isinstance(v.kernel, JITFunction) else v.kernel.fn  # the _select.Kernel's JITFunction
     constexprs = {**v.constexprs, **tiles}
     signature = {}
     for name in fn.arg_names:
@@ -162,7 +196,9 @@ def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, ca
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--all", action="store_true", help="every config the autotuner keeps, not just the first")
+    p.add_argument("--all", action="store_true", help="every candidate tuning measures, not just the rule's pick")
+    p.add_argument("--batch", type=int, nargs="+", default=[256],
+                   help="batch sizes whose picks to compile (default 256)")
     p.add_argument("-k", default="", help="only variants whose name contains this")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -175,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants():
         if a.k not in v.name:
             continue
-        for tiles, warps, stages in _configs(v, a.all):
+        for tiles, warps, stages in _configs(v, a.all, a.batch):
             t0 = time.perf_counter()
             label = f"{v.name} {tiles} warps={warps} stages={stages}"
             try:
@@ -184,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"FAIL {label}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}", flush=True)
                 continue
-            count += 1
             ptx = k.asm.get("ptx", "")
-            print(f"ok   {label}: shared {k.metadata.shared} B, wgmma {'wgmma' in ptx}, "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            verdict = "ok  " if k.metadata.shared <= SMEM_LIMIT else "FAIL"
+            failures += verdict == "FAIL"
+            count += verdict == "ok  "
+            print(f"{verdict} {label}: shared {k.metadata.shared} B (sm_90 allows {SMEM_LIMIT}), "
+                  f"wgmma {'wgmma' in ptx}, {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{count} compiled, {failures} failed")
     return 1 if failures or not count else 0
 

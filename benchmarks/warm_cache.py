@@ -1,67 +1,43 @@
-"""Compile the kernels an optimized ViT forward autotunes over, in parallel, into Triton's disk cache.
+"""Compile the kernels of an optimized ViT's bf16 forward, on every core, into Triton's disk cache.
 
-    python benchmarks/warm_cache.py --model vit_base --batch 1 64 256 --procs 12
+    python benchmarks/warm_cache.py --model vit_base --batch 1 64 256 [--train]
 
-Triton's autotuner compiles each candidate config in turn, about a second each, so the first
-autotuned forward of ViT-B spends a minute or more compiling on one core. Here each of ``--procs``
-processes runs the same bf16 forwards with the autotuner's (pruned) list cut to every
-``procs``-th config, so together they compile every candidate once; the next process that autotunes
-(the profile, the bench) finds the binaries on disk and only times them. The kernels' own choices are
-untouched: nothing here runs outside this script's processes. Needs a GPU.
+Each kernel runs the config its rule (or this GPU's tuned picks) chooses, so a forward compiles one
+kernel per launch variant; ``vitfast.compile_ahead`` compiles them all at once on a thread pool
+instead of one after the other as the first forward reaches them. The next process that runs the
+model (the profile, the bench) finds the binaries in Triton's disk cache. Needs a GPU.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
-
-
-def _worker(shard: int, procs: int, model_name: str, batches: list[int]) -> None:
-    import triton.runtime.autotuner as autotuner
-
-    full = autotuner.Autotuner.prune_configs
-
-    def one_share(self, kwargs):
-        configs = full(self, kwargs)
-        return configs[shard::procs] or configs[:1]
-
-    autotuner.Autotuner.prune_configs = one_share
-
-    import torch
-
-    import vitfast
-    from vitfast import reference
-
-    model = getattr(reference, model_name)().cuda().eval().to(torch.bfloat16)
-    fast = vitfast.optimize(model, inplace=True)
-    with torch.inference_mode():
-        for batch in batches:
-            fast(torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16))
-    torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--procs", type=int, default=12)
-    p.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--train", action="store_true", help="the training step's kernels too (backward, autocast)")
+    p.add_argument("--workers", type=int, default=None, help="compile threads (default: one per CPU)")
     a = p.parse_args(argv)
-    if a.procs < 1:
-        p.error(f"--procs must be at least 1, got {a.procs}")
-    if a.shard is not None:
-        _worker(a.shard, a.procs, a.model, a.batch)
-        return 0
+    import torch
+
+    import vitfast
+    from vitfast import reference
+
+    if not torch.cuda.is_available():
+        raise SystemExit("warm_cache.py needs a GPU")
     start = time.perf_counter()
-    cmd = [sys.executable, os.path.abspath(__file__), "--model", a.model, "--procs", str(a.procs),
-           "--batch", *map(str, a.batch)]
-    workers = [subprocess.Popen([*cmd, "--shard", str(i)]) for i in range(a.procs)]
-    codes = [w.wait() for w in workers]
-    print(f"warm_cache: {a.procs} processes, {a.model} bf16 batch {a.batch}, exit codes {codes}, "
+    model = getattr(reference, a.model)().cuda()
+    model = vitfast.optimize(model if a.train else model.to(torch.bfloat16).eval(), inplace=True)
+    for batch in a.batch:
+        x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float32 if a.train else torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.train):
+            vitfast.compile_ahead(model, x, backward=a.train, workers=a.workers)
+    print(f"warm_cache: {a.model} bf16 batch {a.batch}{' training step' if a.train else ''} compiled in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
-    return 0 if not any(codes) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 GEMM, ATTENTION = 0, 1  # sites: the fourth Philox counter
 
 
@@ -52,6 +54,6 @@ def keep_mask(seed: torch.Tensor, planes: int, rows: int, cols: int, p: float, s
     out = torch.empty(planes, rows, cols, dtype=torch.uint8, device=seed.device)
     if out.numel():
         block = 128
-        _keep_mask_kernel[(planes * rows, triton.cdiv(cols, block))](seed, out, rows, cols, float(p), SITE=site,
-                                                                      BLOCK=block)
+        launch(_keep_mask_kernel, (planes * rows, triton.cdiv(cols, block)), (seed, out, rows, cols, float(p)),
+               dict(SITE=site, BLOCK=block))
     return out.bool()

@@ -1,19 +1,18 @@
-"""The autotune switch shared by the kernels.
+"""Where the kernels run: in Triton's interpreter or compiled, and for which GPU.
 
-``VITFAST_AUTOTUNE=0`` gives one compile per kernel and shape instead of one per config: a kernel
-whose autotuner has a pruner keeps its whole list and its pruner returns only the first config that
-fits the shape (``pruned``, read at each call); the others cut their list to its first entry when the
-module is imported (``configs``). Cutting a pruned kernel's list instead would skip its pruner, since
-Triton prunes only when it has several configs: the GEMMs' first tile (128×256×64, 3 stages) needs
-288 KiB of shared memory in fp32, more than a Hopper block has.
-The GPU test suite uses it so that dozens of odd test shapes do not spend the GPU budget
-autotuning; benchmarks and users keep the full lists.
+Launch configs come from rules (``_configs``) or tuned picks (``_tuned``), chosen per launch by
+``_select``; ``VITFAST_AUTOTUNE``, which switched Triton's autotuners off, is gone with them.
 """
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
+
+# The device name and architecture of launches that run in Triton's interpreter.
+INTERPRETER = "Triton interpreter"
 
 
 def interpreting() -> bool:
@@ -23,14 +22,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def autotune_enabled() -> bool:
-    return os.environ.get("VITFAST_AUTOTUNE", "1") != "0"
-
-
-def configs(full: list[triton.Config]) -> list[triton.Config]:
-    return full if autotune_enabled() else full[:1]
-
-
-def pruned(kept: list[triton.Config]) -> list[triton.Config]:
-    """What a pruner returns: every config it kept, or only the first when autotuning is off."""
-    return kept if autotune_enabled() else kept[:1]
+@functools.cache
+def device_facts(device: int) -> tuple[str, int | str]:
+    """(name, architecture) of the device whose tensors a launch takes (``Tensor.get_device()``, -1 for
+    CPU tensors). The name keys the tuned-picks file; the architecture, Triton's target (90 for sm_90),
+    keys the rules. Under the interpreter both are ``INTERPRETER``; for CPU tensors compiled through a
+    stand-in driver (host-time measurements) the name is the target's."""
+    if interpreting():
+        return INTERPRETER, INTERPRETER
+    target = triton.runtime.driver.active.get_current_target()
+    name = torch.cuda.get_device_name(device) if device >= 0 else f"{target.backend} {target.arch} (no device)"
+    return name, target.arch

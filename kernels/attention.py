@@ -19,8 +19,8 @@ stride and any other strides (a query broadcast over the batch with stride 0 is 
 op passes views of the packed in-projection output [B, N, 3·H·d] (no permute, no copy) and of its
 gradient, or SDPA-layout tensors. N_Q may differ from N_KV (cross-attention; attention pooling's
 1..4 learned queries over every token): causal masking is then SDPA's top-left one (query i sees
-keys 0..i), and when N_Q fits 16 rows the autotuner keeps only 16-row query tiles, so one query
-does not fill a 128-row tile with padding.
+keys 0..i), and when N_Q fits 16 rows the kernels take 16-row query tiles (``_configs``), so one
+query does not fill a 128-row tile with padding.
 
 Rotary position embedding (``_rope.py``, timm's 2-D RoPE, N_Q = N_KV): with ROPE set, every kernel
 rotates the q and k tiles as it loads them (partner columns through permuted indices, sin | cos
@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _configs, _select
+from ._launch import launch
 from ._random import ATTENTION, keep
 from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate
 
@@ -392,88 +393,27 @@ def _attention_bwd_dq_kernel(
              mask=qd_ok)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tiles: a short Hopper list per kernel on CUDA tensors, one fixed tile on CPU tensors (interpreter).
-
-_SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
-
-# Queries that fit this many rows take 16-row query tiles (tl.dot's smallest M) and nothing else:
-# attention pooling's 1..4 learned queries would otherwise fill a 64- or 128-row tile with padding.
-SHORT_QUERIES = 16
+ATTENTION_FWD = _select.kernel("attention_fwd", _attention_fwd_kernel, _configs.attention_rule("fwd"),
+                               _configs.attention_candidates("fwd"), _configs.attention_interpreter)
+ATTENTION_DKDV = _select.kernel("attention_bwd_dkdv", _attention_bwd_dkdv_kernel, _configs.attention_rule("dkdv"),
+                                _configs.attention_candidates("dkdv"), _configs.attention_interpreter)
+ATTENTION_DQ = _select.kernel("attention_bwd_dq", _attention_bwd_dq_kernel, _configs.attention_rule("dq"),
+                              _configs.attention_candidates("dq"), _configs.attention_interpreter)
 
 
-def _interpreter_config(n_q: int) -> dict:
-    """One small tile under the interpreter keeps CPU tests fast and deterministic (N = 65 still
-    spans three tiles in both directions); short queries take the 16-row tile, as on the GPU."""
-    return dict(BLOCK_M=SHORT_QUERIES if n_q <= SHORT_QUERIES else 32, BLOCK_N=32, num_warps=4, num_stages=1)
+def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, tile: str, n: int, programs_per_tile: int,
+            args: tuple, meta: dict) -> None:
+    """Launch cdiv(n, tile) · programs_per_tile programs in the config chosen for ``key``."""
+    def run(cfg: triton.Config) -> None:
+        launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args,
+               {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(kernel, args[0].get_device(), key, run))
 
 
-def _hopper_configs(shapes, short_shapes) -> list[triton.Config]:
-    """The configs for longer queries, then those for short ones (BLOCK_M = SHORT_QUERIES), each list
-    cut by ``_tuning`` on its own so that the pruner always has one of each to choose from."""
-    def make(tiles):
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
-    assert all(t[0] > SHORT_QUERIES for t in shapes) and all(t[0] == SHORT_QUERIES for t in short_shapes)
-    return _tuning.configs(make(shapes)) + _tuning.configs(make(short_shapes))
-
-
-def _pruner(resident: str, operands: int, accumulators: int, max_acc: int):
-    """An early pruner for a kernel that keeps ``operands`` [rows, d] tiles of ``resident`` rows
-    (BLOCK_M or BLOCK_N) and ``accumulators`` fp32 [rows, d] sums for its whole life, and streams
-    two [rows, d] tiles of the other size through a ``num_stages`` pipeline: keeps the 16-row query
-    tiles exactly when N_Q fits one, then drops configs whose shared memory overflows or whose
-    accumulators exceed ``max_acc`` registers per thread. With ROPE the partner columns and the
-    table rows are pipelined too; the estimate counts two streamed tiles per stage, which covers
-    that for head sizes up to 64, and the few larger configs it lets through that overflow (4 stages
-    at BLOCK_D = 128) fail to compile and the autotuner skips them."""
-    streamed = "BLOCK_N" if resident == "BLOCK_M" else "BLOCK_M"
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}  # the constexprs (HEAD_DIM) arrive as keyword arguments
-        elem = args["Q"].element_size()
-        block_d = triton.next_power_of_2(args["HEAD_DIM"])
-        short = args["N_Q"] <= SHORT_QUERIES
-        configs = [c for c in configs if (c.kwargs["BLOCK_M"] == SHORT_QUERIES) == short] or configs
-        fit = [c for c in configs
-               if (operands * c.kwargs[resident] + 2 * c.num_stages * c.kwargs[streamed]) * block_d * elem
-               <= _SMEM_BYTES
-               and accumulators * c.kwargs[resident] * block_d // (32 * c.num_warps) <= max_acc]
-        return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
-    return prune
-
-
-# The autotuner adds the argument dtypes (the rotary table's among them) by itself.
-_KEY = ["N_Q", "N_KV", "HEAD_DIM", "ROPE"]
-_fwd_autotuned = triton.autotune(
-    configs=_hopper_configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 4),
-                             (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 3)],
-                            [(16, 128, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 4, 4), (16, 256, 4, 2)]),
-    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 1, 1, 64)},
-)(_attention_fwd_kernel)
-# dK/dV keep a key tile resident and stream narrower query tiles; dQ the other way round.
-_dkdv_autotuned = triton.autotune(
-    configs=_hopper_configs([(32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 2),
-                             (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
-                            [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 2)]),
-    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 2, 2, 128)},
-)(_attention_bwd_dkdv_kernel)
-_dq_autotuned = triton.autotune(
-    configs=_hopper_configs([(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 2),
-                             (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)],
-                            [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 4, 2), (16, 256, 4, 2)]),
-    key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 2, 1, 128)},
-)(_attention_bwd_dq_kernel)
-
-
-def _launch(kernel, autotuned, tile: str, n: int, programs_per_tile: int,
-            args: tuple, meta: dict, n_q: int) -> None:
-    """Launch cdiv(n, tile) · programs_per_tile programs: the autotuned variant when compiled, the
-    interpreter's fixed tile for ``n_q`` queries otherwise."""
-    if not _tuning.interpreting():
-        autotuned[lambda m: (triton.cdiv(n, m[tile]) * programs_per_tile,)](*args, **meta)
-    else:  # Triton's interpreter (CPU tensors)
-        cfg = _interpreter_config(n_q)
-        kernel[(triton.cdiv(n, cfg[tile]) * programs_per_tile,)](*args, **meta, **cfg)
+def _key(B: int, H: int, N_Q: int, N_KV: int, d: int, dtype: torch.dtype, meta: dict) -> _configs.AttentionKey:
+    return _configs.AttentionKey(triton.next_power_of_2(B * H), N_Q, N_KV, d, dtype, meta["MASK_KIND"],
+                                 meta["KPM_KIND"], meta["IS_CAUSAL"], meta["ROPE"], meta["DROPOUT"])
 
 
 def _mask_strides(mask: torch.Tensor | None, heads: int) -> tuple[int, int, int, int]:
@@ -584,7 +524,7 @@ def attention_fwd(
             *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
     meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta,
                 **drop_meta)
-    _launch(_attention_fwd_kernel, _fwd_autotuned, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
+    _launch(ATTENTION_FWD, _key(B, H, N_Q, N_KV, d, q.dtype, meta), "BLOCK_M", N_Q, B * H, args, meta)
 
 
 def attention_bwd(
@@ -628,9 +568,9 @@ def attention_bwd(
     block_d = triton.next_power_of_2(d)
     delta = torch.empty_like(lse)
     delta_rows = 64
-    _attention_bwd_delta_kernel[(triton.cdiv(N_Q, delta_rows) * B * H,)](
-        o, do, lse if dlse is None else dlse, delta, *_strides(o, do), H, N_Q,
-        HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=delta_rows, BLOCK_D=block_d)
+    launch(_attention_bwd_delta_kernel, (triton.cdiv(N_Q, delta_rows) * B * H,),
+           (o, do, lse if dlse is None else dlse, delta, *_strides(o, do), H, N_Q),
+           dict(HEAD_DIM=d, HAS_DLSE=dlse is not None, BLOCK_M=delta_rows, BLOCK_D=block_d))
 
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
     rope_args, prefix, rope_meta = _rope_args(rope, lse)
@@ -640,6 +580,7 @@ def attention_bwd(
     pointers = (*mask_args[:2], rope_args[0], seed_arg)
     strides = (*mask_args[2:], *rope_args[1:])
     args = (q, k, v, do, lse, delta, dk, dv, *pointers, *_strides(q, k, v, do, dk, dv), *strides, *scalars)
-    _launch(_attention_bwd_dkdv_kernel, _dkdv_autotuned, "BLOCK_N", N_KV, B * H, args, meta, N_Q)
+    key = _key(B, H, N_Q, N_KV, d, q.dtype, meta)
+    _launch(ATTENTION_DKDV, key, "BLOCK_N", N_KV, B * H, args, meta)
     args = (q, k, v, do, lse, delta, dq, *pointers, *_strides(q, k, v, do, dq), *strides, *scalars)
-    _launch(_attention_bwd_dq_kernel, _dq_autotuned, "BLOCK_M", N_Q, B * H, args, meta, N_Q)
+    _launch(ATTENTION_DQ, key, "BLOCK_M", N_Q, B * H, args, meta)

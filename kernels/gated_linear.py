@@ -26,39 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _configs, _select
+from ._launch import launch
 from ._layout import vector_stride
-from .linear import (
-    ACTIVATIONS, _activate, _activate_bwd, _interpreter_configs, _tile_position, gemm_keep,
-    input_precision, prune_tiles, tile_configs,
-)
+from .linear import ACTIVATIONS, _activate, _activate_bwd, _tile_position, gemm_keep, input_precision
 
 
-def _hopper_configs() -> list[triton.Config]:
-    """Tile shapes for two accumulators: each BLOCK_M × BLOCK_N tile costs the registers and the
-    weight-tile shared memory of a BLOCK_M × 2·BLOCK_N plain GEMM tile."""
-    return tile_configs([  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        # First: VITFAST_AUTOTUNE=0 runs the first entry the pruner keeps, and this one fits fp32 too.
-        (128, 128, 32, 4, 8),
-        (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (256, 64, 64, 3, 8), (64, 256, 64, 3, 8),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 5, 4), (64, 64, 64, 5, 4), (64, 64, 32, 5, 4),
-    ])
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _tuning.pruned(prune_tiles(configs, named_args["M"], named_args["H"], named_args["K"],
-                                      named_args["X"].element_size(), weight_tiles=2))
-
-
-@triton.autotune(
-    configs=_interpreter_configs() if _tuning.interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
-    key=["M_BUCKET", "H", "K", "stride_wgk", "stride_wvk", "INPUT_PRECISION"],  # dtypes join by themselves
-    prune_configs_by={"early_config_prune": _prune},
-)
 @triton.jit
 def _gated_linear_kernel(
     X, WG, WV, BG, BV, Y, Z, SEED,
-    M, H, K, M_BUCKET,
+    M, H, K,
     stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wvn, stride_wvk, stride_bg, stride_bv, stride_ym, stride_zm,
     dropout_p, keep_scale,
     ACTIVATION: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, HAS_VALUE_BIAS: tl.constexpr,
@@ -77,7 +54,7 @@ def _gated_linear_kernel(
        STORE_PREACT, for the backward (undropped).
     SEED: [1] int64 Philox key of Y's dropout mask (read only when DROPOUT): each element of Y is kept
        with probability 1 - ``dropout_p`` and multiplied by ``keep_scale`` = 1 / (1 - dropout_p).
-    M_BUCKET only keys the autotuner; tiles are walked as ``_tile_position`` orders them.
+    Tiles are walked as ``_tile_position`` orders them.
     """
     tile_m, tile_n = _tile_position(tl.program_id(0), M, H, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,6 +100,10 @@ def _gated_linear_kernel(
     tl.store(Y + rows64[:, None] * stride_ym + cols64[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
+GATED_LINEAR = _select.kernel("gated_linear", _gated_linear_kernel, _configs.gated_linear_rule,
+                              _configs.gated_linear_candidates, _configs.gemm_interpreter)
+
+
 def gated_linear_fwd(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -147,20 +128,26 @@ def gated_linear_fwd(
     assert seed is None or (seed.dtype == torch.int64 and seed.numel() == 1)
     if M == 0 or H == 0:
         return
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(H, meta["BLOCK_N"]),)
-
-    _gated_linear_kernel[grid](
+    precision = input_precision(x.dtype)
+    args = (
         x, gate_weight, value_weight, gate_bias if gate_bias is not None else y,
         value_bias if value_bias is not None else y, y, z if z is not None else y, seed if seed is not None else y,
-        M, H, K, triton.next_power_of_2(M),
+        M, H, K,
         x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1),
         value_weight.stride(0), value_weight.stride(1), vector_stride(gate_bias), vector_stride(value_bias),
         y.stride(0), z.stride(0) if z is not None else 0, float(dropout_p), float(keep_scale),
-        ACTIVATION=activation, HAS_GATE_BIAS=gate_bias is not None, HAS_VALUE_BIAS=value_bias is not None,
-        STORE_PREACT=z is not None, DROPOUT=seed is not None, INPUT_PRECISION=input_precision(x.dtype),
     )
+    meta = dict(ACTIVATION=activation, HAS_GATE_BIAS=gate_bias is not None, HAS_VALUE_BIAS=value_bias is not None,
+                STORE_PREACT=z is not None, DROPOUT=seed is not None, INPUT_PRECISION=precision)
+    key = _configs.GemmKey(triton.next_power_of_2(M), H, K, x.dtype, y.dtype, x.stride(1) == 1,
+                           gate_weight.stride(1) == 1 and value_weight.stride(1) == 1, precision, activation,
+                           False, z is not None, seed is not None)
+
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(H, cfg.kwargs["BLOCK_N"]),)
+        launch(_gated_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(GATED_LINEAR, x.get_device(), key, run))
 
 
 @triton.jit
@@ -204,8 +191,7 @@ def gated_epilogue_bwd(dy: torch.Tensor, z: torch.Tensor, activation: str, dz: t
     if M == 0 or H == 0:
         return
     block_m, block_n = 32, 128
-    _gated_epilogue_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(H, block_n))](
+    launch(_gated_epilogue_bwd_kernel, (triton.cdiv(M, block_m), triton.cdiv(H, block_n)), (
         dy, z, dz, dz if seed is None else seed, M, H, dy.stride(0), dy.stride(1), z.stride(0), dz.stride(0),
         float(dropout_p), float(keep_scale),
-        ACTIVATION=activation, DROPOUT=seed is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )
+    ), dict(ACTIVATION=activation, DROPOUT=seed is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4))

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from . import _tuning
+from ._configs import layer_norm_config
+from ._launch import launch
 from ._layout import vector_stride
 
 # Widest row one program holds in registers; wider rows take the PyTorch fallback.
@@ -75,15 +77,6 @@ def _layer_norm_fwd_kernel(
         tl.store(RSTD + rows64, rstd, mask=row_ok)
 
 
-def _launch_config(n: int) -> tuple[int, int, int]:
-    block_n = triton.next_power_of_2(n)
-    # About 4K elements per program keeps registers in check and rows of 192..1280 bandwidth-bound.
-    block_m = max(1, min(16, 4096 // block_n))
-    elems = block_m * block_n
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    return block_m, block_n, num_warps
-
-
 def layer_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -102,10 +95,9 @@ def layer_norm_fwd(
         assert t is None or (t.dim() == 2 and t.stride(1) == 1)
     if M == 0:
         return
-    block_m, block_n, num_warps = _launch_config(N)
-    grid = (triton.cdiv(M, block_m),)
+    block_m, block_n, num_warps = layer_norm_config(N)
     dummy = y  # stands in for absent pointers; never dereferenced behind a false constexpr
-    _layer_norm_fwd_kernel[grid](
+    launch(_layer_norm_fwd_kernel, (triton.cdiv(M, block_m),), (
         x, residual if residual is not None else dummy, y, s if s is not None else dummy,
         weight if weight is not None else dummy, bias if bias is not None else dummy,
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
@@ -114,10 +106,9 @@ def layer_norm_fwd(
         y.stride(0), s.stride(0) if s is not None else 0,
         vector_stride(weight), vector_stride(bias),
         eps,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, STORE_STATS=mean is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    ), dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, STORE_STATS=mean is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))
 
 
 @triton.jit
@@ -210,19 +201,18 @@ def layer_norm_bwd(
         return (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
     for t in (dy, ds, xin, dx):
         assert t is None or (t.dim() == 2 and t.stride(1) == 1)
-    block_m, block_n, num_warps = _launch_config(N)
+    block_m, block_n, num_warps = layer_norm_config(N)
     programs, rows_per_program = _backward_programs(M, block_m, not _tuning.interpreting())
     dw_part = torch.empty(programs if compute_dw else 0, N, dtype=torch.float32, device=xin.device)
     db_part = torch.empty(programs if compute_db else 0, N, dtype=torch.float32, device=xin.device)
     dummy = xin  # stands in for absent pointers; never dereferenced behind a false constexpr
-    _layer_norm_bwd_kernel[(programs,)](
+    launch(_layer_norm_bwd_kernel, (programs,), (
         dy, ds if ds is not None else dummy, xin, weight if weight is not None else dummy,
         mean, rstd, dx if dx is not None else dummy, dw_part, db_part,
         M, N, rows_per_program,
         dy.stride(0), ds.stride(0) if ds is not None else 0, xin.stride(0),
         dx.stride(0) if dx is not None else 0, vector_stride(weight),
-        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
-        COMPUTE_DX=dx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    ), dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
+            COMPUTE_DX=dx is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps))
     return (dw_part.sum(0) if compute_dw else None), (db_part.sum(0) if compute_db else None)

@@ -30,64 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _configs, _select
+from ._launch import launch
 from ._layout import vector_stride
 from ._random import GEMM, keep
 
 _GEMM_SITE = tl.constexpr(GEMM)
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
-
-# H100/H200 shared memory per block (227 KiB opt-in); configs whose pipeline needs more are pruned.
-_SMEM_BYTES = 227 * 1024
-# Accumulator registers per thread above which a config spills.
-_MAX_ACC_REGS = 128
-
-
-def tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """GEMM configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), tiles walked in groups of 8."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=stages, num_warps=warps)
-            for bm, bn, bk, stages, warps in shapes]
-
-
-def _hopper_configs() -> list[triton.Config]:
-    """A short list of tile shapes that do well on Hopper for ViT widths (768..4096)."""
-    return tile_configs([  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 256, 32, 4, 8), (256, 64, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 128, 64, 5, 4), (128, 128, 32, 5, 4), (64, 64, 64, 5, 4), (64, 64, 32, 5, 4),
-    ])
-
-
-def _interpreter_configs() -> list[triton.Config]:
-    # One small tile keeps interpreter runs deterministic; 64×64 runs 2.5× faster there than 32×32
-    # and still leaves ragged edges at the odd test sizes (M = 17, 591; N = 96; K = 100).
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
-                          num_stages=1, num_warps=4)]
-
-
-def prune_tiles(configs: list[triton.Config], M: int, N: int, K: int, elem: int,
-                weight_tiles: int = 1) -> list[triton.Config]:
-    """Drop configs that cannot fit (shared memory, registers) or that overshoot an M × N × K problem
-    with ``elem``-byte operands, for a kernel that pairs each X tile with ``weight_tiles`` weight tiles
-    in shared memory and keeps as many BLOCK_M × BLOCK_N fp32 accumulators in registers."""
-    m_cap, n_cap = max(64, triton.next_power_of_2(M)), max(64, triton.next_power_of_2(N))
-    k_cap = max(32, triton.next_power_of_2(K))
-    kept = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        smem = c.num_stages * (bm + weight_tiles * bn) * bk * elem
-        acc_regs = weight_tiles * bm * bn // (32 * c.num_warps)
-        if smem <= _SMEM_BYTES and acc_regs <= _MAX_ACC_REGS and bm <= m_cap and bn <= n_cap and bk <= k_cap:
-            kept.append(c)
-    # Never empty: the smallest tile fits every problem.
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    return _tuning.pruned(prune_tiles(configs, named_args["M"], named_args["N"], named_args["K"],
-                                      named_args["X"].element_size()))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -190,16 +140,10 @@ def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
     return group_start + within % group_rows, within // group_rows
 
 
-@triton.autotune(
-    configs=_interpreter_configs() if _tuning.interpreting() else _hopper_configs(),  # _prune applies VITFAST_AUTOTUNE
-    # The operand strides along K tell the forward GEMM from the backward ones (transposed reads).
-    key=["M_BUCKET", "N", "K", "stride_xk", "stride_wk", "INPUT_PRECISION"],  # dtypes join by themselves
-    prune_configs_by={"early_config_prune": _prune},
-)
 @triton.jit
 def _linear_kernel(
     X, W, B, S, R, Y, Z, SEED, ROW_SCALE,
-    M, N, K, M_BUCKET,
+    M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_s, stride_rm, stride_rn, stride_ym, stride_zm,
     dropout_p, keep_scale,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -220,7 +164,7 @@ def _linear_kernel(
     SEED: [1] int64 Philox key of the dropout mask (read only when DROPOUT): act's output is kept
        with probability 1 - ``dropout_p`` and multiplied by ``keep_scale`` = 1 / (1 - dropout_p).
     ROW_SCALE: [M] contiguous fp32 per-row factor (stochastic depth), read only when HAS_ROW_SCALE.
-    M_BUCKET only keys the autotuner; tiles are walked as ``_tile_position`` orders them.
+    Tiles are walked as ``_tile_position`` orders them.
     """
     tile_m, tile_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,6 +208,10 @@ def _linear_kernel(
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
+LINEAR = _select.kernel("linear", _linear_kernel, _configs.linear_rule, _configs.linear_candidates,
+                        _configs.gemm_interpreter)
+
+
 def linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -291,23 +239,29 @@ def linear_fwd(
                                  and row_scale.is_contiguous())
     if M == 0 or N == 0:
         return
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _linear_kernel[grid](
+    precision = input_precision(x.dtype)
+    args = (
         x, weight, bias if bias is not None else y, scale if scale is not None else y,
         residual if residual is not None else y, y, z if z is not None else y,
         seed if seed is not None else y, row_scale if row_scale is not None else y,
-        M, N, K, triton.next_power_of_2(M),
+        M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), vector_stride(bias), vector_stride(scale),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         y.stride(0), z.stride(0) if z is not None else 0,
         float(dropout_p), float(keep_scale),
-        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None, STORE_PREACT=z is not None, DROPOUT=seed is not None,
-        HAS_ROW_SCALE=row_scale is not None, INPUT_PRECISION=input_precision(x.dtype),
     )
+    meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+                HAS_RESIDUAL=residual is not None, STORE_PREACT=z is not None, DROPOUT=seed is not None,
+                HAS_ROW_SCALE=row_scale is not None, INPUT_PRECISION=precision)
+    key = _configs.GemmKey(triton.next_power_of_2(M), N, K, x.dtype, y.dtype, x.stride(1) == 1,
+                           weight.stride(1) == 1, precision, activation, residual is not None, z is not None,
+                           seed is not None)
+
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        launch(_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+
+    run(_select.config(LINEAR, x.get_device(), key, run))
 
 
 @triton.jit
@@ -394,16 +348,15 @@ def epilogue_bwd(
                               device=dy.device)
     if M > 0 and N > 0 and (dz is not None or compute_dscale):
         dummy = dscale_part if dz is None else dz  # stands in for absent pointers, never dereferenced
-        _epilogue_bwd_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        launch(_epilogue_bwd_kernel, (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), (
             dy, dummy if z is None else z, dummy if scale is None else scale, dummy if dz is None else dz,
             dscale_part, dummy if seed is None else seed, dummy if row_scale is None else row_scale, M, N,
             dy.stride(0), dy.stride(1), 0 if z is None else z.stride(0), vector_stride(scale),
             0 if dz is None else dz.stride(0), float(dropout_p), float(keep_scale),
-            ACTIVATION=activation, HAS_SCALE=scale is not None, STORE_DZ=dz is not None,
-            COMPUTE_DSCALE=compute_dscale, READ_Z=activation != "none" or compute_dscale,
-            DROPOUT=seed is not None, HAS_ROW_SCALE=row_scale is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-        )
+        ), dict(ACTIVATION=activation, HAS_SCALE=scale is not None, STORE_DZ=dz is not None,
+                COMPUTE_DSCALE=compute_dscale, READ_Z=activation != "none" or compute_dscale,
+                DROPOUT=seed is not None, HAS_ROW_SCALE=row_scale is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4))
     return dscale_part.sum(0) if compute_dscale else None
 
 

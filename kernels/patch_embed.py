@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import _configs, _select, _tuning
+from ._launch import launch
 from ._layout import vector_stride
 
 
@@ -194,56 +195,25 @@ def _patch_embed_dimages_kernel(
     tl.store(DX + x_row[:, None] + x_k[None, :], acc.to(DX.dtype.element_ty), mask=t_ok[:, None] & k_ok[None, :])
 
 
-def _hopper_configs() -> list[triton.Config]:
-    shapes = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 8)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
+PATCH_EMBED = _select.kernel("patch_embed", _patch_embed_kernel, _configs.patch_rule, _configs.patch_candidates,
+                             _configs.patch_interpreter)
+PATCH_EMBED_DIMAGES = _select.kernel("patch_embed_dimages", _patch_embed_dimages_kernel, _configs.patch_rule,
+                                     _configs.patch_candidates, _configs.patch_interpreter)
+PATCH_EMBED_DWEIGHT = _select.kernel("patch_embed_dweight", _patch_embed_dweight_kernel, _configs.patch_rule,
+                                     _configs.patch_candidates, _configs.patch_interpreter)
 
 
-_SMEM_BYTES = 227 * 1024  # H100/H200 shared memory per block
+def _launch(kernel: _select.Kernel, rows: int, cols: int, reduction: int, splits: int, dtype: torch.dtype,
+            args: tuple, meta: dict) -> None:
+    """Launch a GEMM kernel over a [rows, cols] output, each element a ``reduction``-long sum with
+    ``dtype`` operands, times ``splits`` slices of the reduction, in the config chosen for that shape."""
+    key = _configs.PatchKey(triton.next_power_of_2(rows), cols, reduction, splits, dtype, meta["INPUT_PRECISION"])
 
+    def run(cfg: triton.Config) -> None:
+        grid = (triton.cdiv(rows, cfg.kwargs["BLOCK_M"]) * triton.cdiv(cols, cfg.kwargs["BLOCK_N"]), splits)
+        launch(kernel.fn, grid, args, {**meta, **_select.tile_meta(cfg)})
 
-def _pruner(cols: str, reduction: str, operand: str):
-    """An early pruner for a GEMM whose output columns and reduction lengths are the launch
-    arguments named ``cols`` and ``reduction``: drops tiles far wider than either, and pipelines
-    whose operand tiles (element size of the argument ``operand``) cannot fit in shared memory."""
-    def prune(configs, named_args, **kwargs):
-        n, k = named_args[cols], named_args[reduction]
-        elem = named_args[operand].element_size()
-        kept = [cfg for cfg in configs
-                if cfg.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
-                and cfg.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(k))
-                and (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * elem
-                * cfg.num_stages <= _SMEM_BYTES]
-        return _tuning.pruned(kept or configs[:1])  # VITFAST_AUTOTUNE=0: the first that fits
-    return prune
-
-
-_patch_embed_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "K"], prune_configs_by={"early_config_prune": _pruner("D", "K", "X")},
-)(_patch_embed_kernel)
-_dweight_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["D", "K"],
-    prune_configs_by={"early_config_prune": _pruner("K", "TOKENS_PER_SPLIT", "X")},
-)(_patch_embed_dweight_kernel)
-_dimages_autotuned = triton.autotune(
-    configs=_hopper_configs(), key=["K", "D"], prune_configs_by={"early_config_prune": _pruner("K", "D", "W")},
-)(_patch_embed_dimages_kernel)
-
-# One fixed tile under the interpreter (CPU tensors): fast, deterministic tests.
-_INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4)
-
-
-def _launch(kernel, autotuned, rows: int, cols: int, splits: int, args: tuple, meta: dict) -> None:
-    """Launch a GEMM kernel over a [rows, cols] output (times ``splits`` reduction slices): the
-    autotuned variant when compiled, the interpreter's fixed tile otherwise."""
-    if not _tuning.interpreting():
-        grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(cols, m["BLOCK_N"]), splits)  # noqa: E731
-        autotuned[grid](*args, **meta)
-    else:  # Triton's interpreter (CPU tensors)
-        cfg = _INTERPRETER_CONFIG
-        kernel[(triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(cols, cfg["BLOCK_N"]), splits)](*args, **meta, **cfg)
+    run(_select.config(kernel, args[0].get_device(), key, run))
 
 
 def _input_precision(images: torch.Tensor) -> str:
@@ -282,7 +252,7 @@ def patch_embed_fwd(
     meta = dict(P=P, PREFIX=int(cls_token is not None), HAS_BIAS=bias is not None,
                 HAS_CLS_POS=cls_pos is not None, HAS_POS=pos is not None,
                 INPUT_PRECISION=_input_precision(images))
-    _launch(_patch_embed_kernel, _patch_embed_autotuned, M, D, 1, args, meta)
+    _launch(PATCH_EMBED, M, D, K, 1, images.dtype, args, meta)
 
 
 def _token_slices(m: int, d: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -297,7 +267,7 @@ def _token_slices(m: int, d: int, k: int, device: torch.device) -> tuple[int, in
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
         tiles, target, min_slice = triton.cdiv(d, 128) * triton.cdiv(k, 128), 2 * sm_count, 1024
     else:
-        cfg = _INTERPRETER_CONFIG
+        cfg = _configs.INTERPRETER_PATCH.kwargs
         tiles, target, min_slice = triton.cdiv(d, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]), 4, 128
     slices = max(1, min(triton.cdiv(target, tiles), m // min_slice))
     per_slice = triton.cdiv(triton.cdiv(m, slices), 128) * 128  # whole token tiles per slice
@@ -328,7 +298,7 @@ def patch_embed_bwd(
     if dimages is not None:
         args = (dtokens, weight, dimages, K, D, M, n_patches, grid_w,
                 *dtokens.stride(), *weight.stride(), *dimages.stride())
-        _launch(_patch_embed_dimages_kernel, _dimages_autotuned, M, K, 1, args, meta)
+        _launch(PATCH_EMBED_DIMAGES, M, K, D, 1, weight.dtype, args, meta)
     if dweight is not None:
         slices, per_slice = _token_slices(M, D, K, images.device)
         target = dweight if slices == 1 else torch.empty(slices, D, C, P, P, dtype=torch.float32,
@@ -336,6 +306,6 @@ def patch_embed_bwd(
         target_strides = (0, *dweight.stride()) if slices == 1 else target.stride()
         args = (dtokens, images, target, D, K, M, n_patches, grid_w, per_slice,
                 *dtokens.stride(), *images.stride(), *target_strides)
-        _launch(_patch_embed_dweight_kernel, _dweight_autotuned, D, K, slices, args, meta)
+        _launch(PATCH_EMBED_DWEIGHT, D, K, per_slice, slices, images.dtype, args, meta)
         if slices > 1:
             dweight.copy_(target.sum(0))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vitfast check``, ``bench`` and ``train-check``."""
+"""Command line: ``python -m vitfast check``, ``bench``, ``tune`` and ``train-check``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run_from_args(args, args.parser)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from . import tune_cli
+
+    return tune_cli.main(args)
+
+
 def _train_check(args: argparse.Namespace) -> int:
     _prepare_device()
     from . import train_check
@@ -67,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="whole-model speed of vitfast against its baselines; JSON, CSV and PNG")
     add_arguments(bench)
     bench.set_defaults(func=_bench, parser=bench)
+    from .tune_cli import add_arguments as tune_arguments
+
+    tune = sub.add_parser("tune", help="time each kernel's candidate configs at a model's shapes (needs a GPU); "
+                                       "later processes take the fastest instead of the rules")
+    tune_arguments(tune)
+    tune.set_defaults(func=_tune)
     from .train_check import add_arguments as train_check_arguments
 
     tc = sub.add_parser("train-check", help="fine-tune a small ViT with PyTorch and with vitfast; compare the losses")

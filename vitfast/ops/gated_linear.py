@@ -98,9 +98,9 @@ def _gated_linear_bwd(
     dZ = [g ⊙ Zv ⊙ act'(Zg) | g ⊙ act(Zg)], g = dy ⊙ mask/(1 - p) (the mask regenerated from the seed;
     g = dy without one), is one elementwise kernel into one [M, 2H] buffer; the
     rest is the linear kernel through strides: dX = dZg · Wg, then dX += dZv · Wv in the second GEMM's
-    residual epilogue (into a second buffer: the autotuner reruns a launch, so it must not accumulate
-    in place); the weights' gradients are one GEMM dZᵀ · X over the columns asked for, which reads X
-    once for both; the biases' are a fp32 torch sum of dZ's rows."""
+    residual epilogue (into a second buffer: a tuning session, ``vitfast.tuning``, reruns a launch, so
+    it must not accumulate in place); the weights' gradients are one GEMM dZᵀ · X over the columns
+    asked for, which reads X once for both; the biases' are a fp32 torch sum of dZ's rows."""
     from ..kernels.gated_linear import gated_epilogue_bwd
     from ..kernels.linear import linear_fwd
 
