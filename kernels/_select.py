@@ -124,6 +124,11 @@ def _measure(session: Session, k: Kernel, device: int, key: tuple, run: Callable
     return best.config
 
 
+def measuring() -> bool:
+    """Whether a tuning session is open (its launches time candidates: nothing to record for replay)."""
+    return _session is not None
+
+
 def open_session(timer: Timer) -> Session:
     """Start measuring every launch key met from now on, until ``close_session``."""
     global _session

@@ -48,3 +48,20 @@ def test_kernels_missing_elsewhere_is_reported_missing():
             print(e.name, 'kernels' in sys.modules)
     """)
     assert lines == ["kernels False"]
+
+
+def test_vitfast_runs_models_without_triton():
+    """Without Triton a converted model runs on PyTorch's fallback, settled calls included."""
+    lines = _run_in_root("""
+        import sys
+        sys.modules["triton"] = None  # as if it were not installed
+        import torch, vitfast
+        model = vitfast.reference.vit_tiny(img_size=32, patch_size=8, n_classes=3).eval()
+        fast = vitfast.optimize(vitfast.reference.vit_tiny(img_size=32, patch_size=8, n_classes=3).eval())
+        fast.load_state_dict(model.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            outs = [fast(x) for _ in range(2)]
+            print(all(torch.allclose(o, model(x), atol=1e-5) for o in outs), vitfast.runtime.backend_name("cpu"))
+    """)
+    assert lines == ["True pytorch-fallback"]

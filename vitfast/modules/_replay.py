@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import runtime
+from ..kernels import _precompile
 from ..ops import _dispatch
 
 NOT_SETTLED = object()  # ``settled``'s answer when the call runs the checked path
@@ -61,7 +63,8 @@ _IN, _BUF, _PARAM = 0, 1, 2
 def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
     """The call's signature, or None when it cannot be replayed (see the module docstring).
     ``switches``: the global settings the stand-in's own forward reads (``Fused._vitfast_switches``)."""
-    if (torch.is_grad_enabled() or runtime._force_fallback or torch.jit.is_tracing()
+    if (torch.is_grad_enabled() or runtime._force_fallback or _precompile.active() or _tuning()
+            or torch.jit.is_tracing()
             or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None):
         return None
@@ -82,6 +85,12 @@ def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
         else:
             return None
     return tuple(parts)
+
+
+def _tuning() -> bool:
+    """Whether a tuning session times candidates (kernels/_select.py, imported with Triton only)."""
+    select = sys.modules.get("vitfast.kernels._select")
+    return select is not None and select.measuring()
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[Tensor]:
