@@ -41,3 +41,17 @@ def test_compile_ahead_runs_no_kernel_and_leaves_the_model_as_it_was(monkeypatch
     assert model.seen.item() == 0
     for name, p in model.named_parameters():
         assert p.grad is None and torch.equal(p, params[name]), name
+
+
+def test_calls_after_compiling_ahead_in_eval_compute_the_model():
+    """The eval pass compiles under no_grad, where a stand-in would record its call for replay: a
+    recording of launches that did not run must not be kept."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
+    fast = vitfast.optimize(nn.Sequential(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True))).eval()
+    fast[0].load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 32)
+    vitfast.compile_ahead(fast, x)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(fast(x), layer(x), rtol=1e-4, atol=1e-5)
