@@ -1,0 +1,139 @@
+"""Host time of a forward under the stand-in driver: launches counted at the launcher, the clock's median,
+and the CPU arithmetic that the PyTorch operators left in the model do (work a GPU would do, not its host).
+
+Every figure is taken with one intra-op thread under ``torch.inference_mode`` (what ``python -m vitfast
+bench`` times). ``host_us_per_forward`` is the wall-clock median less that arithmetic; both are kept,
+and so is the median of the thread's CPU time (``host_cpu_us_per_forward`` less the arithmetic), which
+the scheduler's preemptions on a busy machine do not inflate.
+
+>>> with host_driver.active() as drv:                              # doctest: +SKIP
+...     row = steady_state(model, x, drv, repeats=50)
+>>> row["launches_per_forward"], row["host_us_per_forward"]
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .host_driver import StandInDriver
+
+WARMUP = 3  # calls before the timed ones
+
+# aten operators that only allocate. These and the operators whose results are views of their inputs
+# (reshape, select, dropout in eval) cost dispatch, as on a GPU host; every other aten operator left in a
+# forward (a GEMM, a cat, an add that PyTorch computes) does CPU arithmetic.
+_ALLOCATORS = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"))
+# Replays of one captured operator: enough to take a median, within about this long.
+_REPLAY_S = 0.3
+
+
+def median_us(fn: Callable[[], object], repeats: int, warmup: int = WARMUP) -> tuple[float, float]:
+    """Medians, in µs over ``repeats`` calls of ``fn()`` after ``warmup``, of the wall clock
+    (``time.perf_counter_ns``) and of this thread's CPU time (``time.thread_time_ns``). On an idle core
+    they agree; on a busy machine the scheduler's time slices (a few ms) inflate the wall clock only."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+        fn()
+        cpu.append(time.thread_time_ns() - start_cpu)
+        wall.append(time.perf_counter_ns() - start)
+    return statistics.median(wall) / 1e3, statistics.median(cpu) / 1e3
+
+
+def _storages(tree: object) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)}
+
+
+class _Capture(TorchDispatchMode):
+    """Records the aten operators of a forward that do arithmetic, with their arguments. Operators run
+    inside vitfast's custom ops are not seen (the mode is off while it handles the custom op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch._ops.OpOverload, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func.namespace == "aten" and func.overloadpacket.__name__ not in _ALLOCATORS
+                and not _storages(out) <= _storages((args, kwargs))):
+            self.calls.append((func, args, kwargs))
+        return out
+
+
+def _replay_us(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[float, float]:
+    """Medians (wall, thread CPU time) of one operator call on the arguments it had in the forward; an
+    operator that writes into an argument writes into copies (taken once, outside the timing)."""
+    if func._schema.is_mutable:
+        args, kwargs = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, (args, kwargs))
+    start = time.perf_counter()
+    func(*args, **kwargs)
+    once = time.perf_counter() - start
+    repeats = max(3, min(50, int(_REPLAY_S / max(once, 1e-6))))
+    return median_us(lambda: func(*args, **kwargs), repeats, warmup=0)
+
+
+def cpu_arithmetic(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
+    """{aten operator: {"calls", "us", "cpu_us"}} of the CPU arithmetic in ``fn()``: the operators that
+    do more than allocate or make a view, captured in one call of ``fn`` and each replayed alone on the
+    same arguments (median wall and thread CPU time). A replay includes the operator's dispatch, a few µs
+    that a GPU host pays too, so a model with many of them looks slightly faster than it is; and its
+    inputs have been read before, where the forward's are fresh pages, so the arithmetic is if anything
+    underestimated."""
+    with _Capture() as capture:
+        fn()
+    ops: dict[str, dict[str, float]] = {}
+    for func, args, kwargs in capture.calls:
+        op = ops.setdefault(f"aten::{func.overloadpacket.__name__}", {"calls": 0, "us": 0.0, "cpu_us": 0.0})
+        wall, cpu = _replay_us(func, args, kwargs)
+        op["calls"] += 1
+        op["us"] += wall
+        op["cpu_us"] += cpu
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]["us"]))
+
+
+def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats: int) -> dict:
+    """Launches and host time of ``model(x)`` once compiled (the caller has made ``drv`` active);
+    ``launches_by_kernel`` maps an index into ``drv.kernels`` to its launches per forward."""
+    def forward() -> object:
+        return model(x)
+
+    with torch.inference_mode():
+        forward()  # compiles what this batch needs
+        before = [k.launches for k in drv.kernels]
+        forward()
+        by_kernel = {i: k.launches - (before[i] if i < len(before) else 0) for i, k in enumerate(drv.kernels)}
+        launches = sum(by_kernel.values())
+        counted_from = drv.launch_count()
+        wall, cpu = median_us(forward, repeats)
+        total = drv.launch_count() - counted_from
+        if total != launches * (repeats + WARMUP):
+            raise RuntimeError(f"launches per forward changed while timing: {launches} in one forward, {total} "
+                               f"in {repeats + WARMUP}")
+        ops = cpu_arithmetic(forward)
+    arithmetic = sum(op["us"] for op in ops.values())
+    arithmetic_cpu = sum(op["cpu_us"] for op in ops.values())
+    host = wall - arithmetic
+    return {
+        "launches_per_forward": launches,
+        "host_us_per_forward": host,
+        "host_us_per_launch": host / launches if launches else None,
+        "wall_us_per_forward": wall,
+        "thread_cpu_us_per_forward": cpu,
+        "host_cpu_us_per_forward": cpu - arithmetic_cpu,
+        "cpu_arithmetic_us_per_forward": arithmetic,
+        "cpu_arithmetic_ops": ops,
+        "launches_by_kernel": {i: n for i, n in by_kernel.items() if n},
+    }
