@@ -1,0 +1,271 @@
+"""Host time of vitfast's GPU path, measured on a CPU: the instrument of issue 30.
+
+    python benchmarks/host_time.py --json out.json                     # ViT-B/16, both models, batch 1, 32, 256
+    python benchmarks/host_time.py --models reference --batches 1 --depth 1 --width 64 --heads 2 --img-size 32
+
+The optimized ViT (timm's ``vit_base_patch16_224`` and ``vitfast.reference``'s, ``vitfast.optimize``d,
+eval, bf16 parameters and images) runs on CPU tensors that stand in for CUDA tensors, through exactly the
+code a GPU runs: vitfast's modules and ops, Triton's JIT (binder, specialization, cache), every kernel
+compiled for sm_90 by Triton's NVIDIA backend and the wheel's ptxas, and Triton's launch path, with only
+the driver stood in for (``vitfast.bench.host_driver``: its launcher counts and returns). Per model and
+batch it reports:
+
+* ``launches_per_forward``: kernel launches counted at the stand-in's launcher;
+* ``host_us_per_forward``: median wall time of a compiled forward (``time.perf_counter_ns``, one intra-op
+  thread, ``torch.inference_mode``) less the CPU arithmetic of the PyTorch operators left in the model,
+  each replayed alone (``vitfast.bench.host_measure``; ``wall_us_per_forward`` and
+  ``cpu_arithmetic_us_per_forward`` with its operators are kept), and ``host_us_per_launch``, that over
+  the launches; ``host_cpu_us_per_forward``: the same from the thread's CPU time, which a busy machine's
+  preemptions do not inflate (compare the two, and the load average recorded, before trusting either);
+* ``eager_host_us_per_forward``: PyTorch eager's host time for the same op graph, measured in the same
+  run, just before each batch's figure: the same model class at the same depth and heads, width = heads,
+  one patch per image, fp32, batch 1 (``vitfast.bench.host_models``: why those sizes, and why a batch-1
+  figure serves every batch);
+* ``first_call_s_cold`` / ``first_call_s_warm``: the first forward of a fresh process, from just before
+  the call to its end, with a private empty Triton cache (and cache home, where a tuning file would go),
+  then again with both kept; ``first_call_compiles``: the variants the cold call compiled (new Triton cache
+  entries), ``first_call_variants`` those it loaded; ``build_s``: model build, bf16 cast and optimize.
+
+And, per kernel variant the forwards compiled, its static facts from the cubin (``cuobjdump``):
+registers, spill stack, shared memory, config, wgmma and TMA. Every process runs with
+``VITFAST_AUTOTUNE=0`` (a no-op launcher cannot time configs: each autotuner takes its first fitting one)
+and without ``TRITON_INTERPRET``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure the checkout this script sits in, not an installed vitfast
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels that this instrument compiles")
+os.environ["VITFAST_AUTOTUNE"] = "0"  # read when the kernels are imported
+
+import torch  # noqa: E402
+
+from vitfast.bench import host_driver, host_measure, host_models, kernel_facts  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def _models(text: str) -> list[str]:
+    names = [v for v in text.split(",") if v]
+    bad = [n for n in names if n not in host_models.MODELS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--models: expected names from {list(host_models.MODELS)}, got {text!r}")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    p.add_argument("--models", type=_models, default=list(host_models.MODELS), help="timm,reference (default both)")
+    p.add_argument("--batches", type=lambda t: _ints("--batches", t), default=[1, 32, 256])
+    p.add_argument("--first-call-batches", type=lambda t: _ints("--first-call-batches", t), default=None,
+                   help="batches whose first call is timed in fresh processes (default: --batches; '' for none)")
+    p.add_argument("--repeats", type=int, default=50, help="timed forwards per model and batch (median)")
+    p.add_argument("--eager-repeats", type=int, default=200, help="timed forwards of each eager twin (median)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    shape = host_models.Shape()
+    for name in ("width", "depth", "heads", "img_size", "patch"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(shape, name))
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "CACHE_DIR"), help=argparse.SUPPRESS)
+    return p
+
+
+def _shape(args: argparse.Namespace) -> host_models.Shape:
+    try:
+        return host_models.Shape(args.width, args.depth, args.heads, args.img_size, args.patch)
+    except ValueError as e:
+        raise SystemExit(f"--width/--depth/--heads/--img-size/--patch: {e}")
+
+
+def _cache_entries(path: Path) -> int:
+    return sum(1 for _ in path.iterdir()) if path.is_dir() else 0
+
+
+def first_call_child(args: argparse.Namespace) -> dict:
+    """In a fresh process (``--child``): build, optimize, then time the first forward under the stand-in."""
+    model_name, batch, cache_dir = args.child[0], int(args.child[1]), Path(args.child[2])
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    model = host_models.optimized(model_name, _shape(args), DTYPES[args.dtype])
+    x = host_models.images(_shape(args), batch, DTYPES[args.dtype])
+    build_s = time.perf_counter() - start
+    entries = _cache_entries(cache_dir)
+    with host_driver.active() as drv, torch.inference_mode():
+        start = time.perf_counter()
+        model(x)
+        first_s = time.perf_counter() - start
+        return {"first_call_s": first_s, "build_s": build_s, "variants": len(drv.kernels),
+                "compiles": _cache_entries(cache_dir) - entries, "launches": drv.launch_count(),
+                "benchmark_calls": drv.benchmark_calls}
+
+
+def _run_child(args: argparse.Namespace, model: str, batch: int, home: Path) -> dict:
+    """One fresh process whose Triton cache and cache home are ``home``'s (empty on the first call)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(home / "triton"), XDG_CACHE_HOME=str(home / "xdg"), VITFAST_AUTOTUNE="0",
+               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", model, str(batch), str(home / "triton"),
+            "--dtype", args.dtype, *(f"--{n}={getattr(args, n.replace('-', '_'))}"
+                                     for n in ("width", "depth", "heads", "img-size", "patch"))]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"first-call process for {model} at batch {batch} failed:\n{done.stdout}{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def first_calls(args: argparse.Namespace, batches: list[int]) -> dict[tuple[str, int], dict]:
+    """Cold, then warm, first calls per model and batch, each in a fresh process."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="host-time-") as tmp:
+        for model in args.models:
+            for batch in batches:
+                home = Path(tmp) / f"{model}-b{batch}"
+                cold = _run_child(args, model, batch, home)
+                warm = _run_child(args, model, batch, home)
+                out[(model, batch)] = {
+                    "first_call_s_cold": cold["first_call_s"], "first_call_s_warm": warm["first_call_s"],
+                    "first_call_compiles": cold["compiles"], "first_call_variants": cold["variants"],
+                    "first_call_compiles_warm": warm["compiles"], "first_call_benchmark_calls": cold["benchmark_calls"],
+                    "build_s": cold["build_s"],
+                }
+                print(f"first call {model} batch {batch}: cold {cold['first_call_s']:.2f} s "
+                      f"({cold['compiles']} compiles), warm {warm['first_call_s']:.2f} s", flush=True)
+    return out
+
+
+def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Rows per model and batch, and the static facts of every variant those forwards loaded."""
+    shape, dtype = _shape(args), DTYPES[args.dtype]
+    rows = []
+    with host_driver.active() as drv:
+        for model_name in args.models:
+            twin, tx = host_models.eager_twin(model_name, shape)
+            model = host_models.optimized(model_name, shape, dtype)
+            for batch in args.batches:
+                with torch.inference_mode():  # next to each vitfast figure, so that both see the same load
+                    eager, eager_cpu = host_measure.median_us(lambda: twin(tx), args.eager_repeats)
+                row = host_measure.steady_state(model, host_models.images(shape, batch, dtype), drv, args.repeats)
+                row.update(model=model_name, batch=batch, eager_host_us_per_forward=eager,
+                           eager_host_cpu_us_per_forward=eager_cpu, host_over_eager=row["host_us_per_forward"] / eager,
+                           host_cpu_over_eager_cpu=row["host_cpu_us_per_forward"] / eager_cpu)
+                rows.append(row)
+                print(f"{model_name} batch {batch}: {row['launches_per_forward']} launches, "
+                      f"{row['host_us_per_forward']:.0f} µs host per forward, eager {eager:.0f} µs", flush=True)
+        facts = kernel_facts.static_facts(drv)
+        variants = [kernel_facts.variant_id(k) for k in drv.kernels]
+    for row in rows:
+        by_variant: dict[str, int] = {}
+        for i, n in row["launches_by_kernel"].items():
+            by_variant[variants[i]] = by_variant.get(variants[i], 0) + n
+        row["launches_by_kernel"] = by_variant
+    return rows, facts
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> dict:
+    import triton
+
+    try:
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    return {"device_kind": "cpu", "cpu": _cpu_name(), "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "triton": triton.__version__, "timm": timm_version,
+            "load_average": os.getloadavg(), "date": datetime.date.today().isoformat(),
+            "datetime": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(rows: list[dict], facts: list[dict]) -> None:
+    print("\n| model | batch | launches | host µs / forward | µs / launch | eager µs | host / eager | "
+          "host CPU µs | eager CPU µs | CPU / CPU | arithmetic µs | first call cold s | warm s | compiles |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['launches_per_forward']} | {r['host_us_per_forward']:,.0f} | "
+              f"{_fmt(r['host_us_per_launch'], '.1f')} | {r['eager_host_us_per_forward']:,.0f} | "
+              f"{r['host_over_eager']:.2f} | {r['host_cpu_us_per_forward']:,.0f} | "
+              f"{r['eager_host_cpu_us_per_forward']:,.0f} | {r['host_cpu_over_eager_cpu']:.2f} | "
+              f"{r['cpu_arithmetic_us_per_forward']:,.0f} | {_fmt(r.get('first_call_s_cold'), '.1f')} | "
+              f"{_fmt(r.get('first_call_s_warm'), '.2f')} | {r.get('first_call_compiles', '-')} |")
+    print("\n| variant | tile | warps | stages | regs | spill B | smem KiB | wgmma | TMA | flags |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")  # smem: Triton's dynamic shared
+    for f in facts:
+        tile = "×".join(str(v) for k, v in f["tile"].items() if k != "GROUP_M") or "-"
+        flags = ", ".join(f"{k}={v}" for k, v in f["constexprs"].items() if k.isupper() and v not in (False, 0))
+        print(f"| {f['variant']} | {tile} | {f['num_warps']} | {f['num_stages']} | {f['registers']} | "
+              f"{f['spilled_bytes']} | {f['dynamic_shared_bytes'] / 1024:.0f} | {'yes' if f['wgmma'] else 'no'} | "
+              f"{'yes' if f['tma'] else 'no'} | {flags} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(first_call_child(args)))
+        return 0
+    if args.repeats < 1 or args.eager_repeats < 1:
+        raise SystemExit("--repeats and --eager-repeats: expected positive integers")
+    torch.set_num_threads(1)
+    shape = _shape(args)
+    first_batches = args.batches if args.first_call_batches is None else args.first_call_batches
+    first = first_calls(args, first_batches)  # before the steady state: fresh processes on a quiet machine
+    rows, facts = steady(args)
+    for row in rows:
+        row.update(first.get((row["model"], row["batch"]), {}))
+    record = {
+        **_machine(),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "shape": vars(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
+        "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
+        "autotune": "off (VITFAST_AUTOTUNE=0)", "target": "sm_90 (stand-in driver, H100 properties)",
+        "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); "
+                      "fp32; batch 1 (its figure stands for every batch); timed next to each batch's vitfast figure",
+        "host_time": "median of a compiled forward (wall clock; thread CPU time for the *_cpu_* fields) less "
+                     "the CPU arithmetic of the aten operators left in the model that do more than allocate or "
+                     "view, each replayed alone on its forward's arguments",
+        "rows": rows, "kernels": facts,
+    }
+    print_tables(rows, facts)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
