@@ -29,7 +29,8 @@ batch it reports:
 And, per kernel variant the forwards compiled, its static facts from the cubin (``cuobjdump``):
 registers, spill stack, shared memory, config, wgmma and TMA. Every process runs with
 ``VITFAST_AUTOTUNE=0`` (a no-op launcher cannot time configs: each autotuner takes its first fitting one)
-and without ``TRITON_INTERPRET``.
+and without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's caching allocator does
+(``host_measure.cache_freed_memory``: otherwise each activation above 32 MiB costs an mmap and a munmap).
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def first_call_child(args: argparse.Namespace) -> dict:
     """In a fresh process (``--child``): build, optimize, then time the first forward under the stand-in."""
     model_name, batch, cache_dir = args.child[0], int(args.child[1]), Path(args.child[2])
     torch.set_num_threads(1)
+    host_measure.cache_freed_memory()
     start = time.perf_counter()
     model = host_models.optimized(model_name, _shape(args), DTYPES[args.dtype])
     x = host_models.images(_shape(args), batch, DTYPES[args.dtype])
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.eager_repeats < 1:
         raise SystemExit("--repeats and --eager-repeats: expected positive integers")
     torch.set_num_threads(1)
+    cached = host_measure.cache_freed_memory()
     shape = _shape(args)
     first_batches = args.batches if args.first_call_batches is None else args.first_call_batches
     first = first_calls(args, first_batches)  # before the steady state: fresh processes on a quiet machine
@@ -251,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
         "shape": vars(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
         "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
-        "autotune": "off (VITFAST_AUTOTUNE=0)", "target": "sm_90 (stand-in driver, H100 properties)",
+        "autotune": "off (VITFAST_AUTOTUNE=0)",
+        "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
+                          "CUDA's caching allocator does" if cached else "the C library's default"), "target": "sm_90 (stand-in driver, H100 properties)",
         "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); "
                       "fp32; batch 1 (its figure stands for every batch); timed next to each batch's vitfast figure",
         "host_time": "median of a compiled forward (wall clock; thread CPU time for the *_cpu_* fields) less "
