@@ -167,7 +167,7 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             model = host_models.optimized(model_name, shape, dtype)
             for batch in args.batches:
                 with torch.inference_mode():  # next to each vitfast figure, so that both see the same load
-                    eager, eager_cpu = host_measure.median_us(lambda: twin(tx), args.eager_repeats)
+                    eager, eager_cpu = host_measure.settled_median_us(lambda: twin(tx), args.eager_repeats)
                 row = host_measure.steady_state(model, host_models.images(shape, batch, dtype), drv, args.repeats)
                 row.update(model=model_name, batch=batch, eager_host_us_per_forward=eager,
                            eager_host_cpu_us_per_forward=eager_cpu, host_over_eager=row["host_us_per_forward"] / eager,

@@ -4,7 +4,8 @@ and the CPU arithmetic that the PyTorch operators left in the model do (work a G
 Every figure is taken with one intra-op thread under ``torch.inference_mode`` (what ``python -m vitfast
 bench`` times). ``host_us_per_forward`` is the wall-clock median less that arithmetic; both are kept,
 and so is the median of the thread's CPU time (``host_cpu_us_per_forward`` less the arithmetic), which
-the scheduler's preemptions on a busy machine do not inflate.
+the scheduler's preemptions on a busy machine do not inflate. Where the two medians disagree by more
+than 5%, the timing is taken again, up to three times in all, and the closest try is kept.
 
 >>> with host_driver.active() as drv:                              # doctest: +SKIP
 ...     row = steady_state(model, x, drv, repeats=50)
@@ -73,6 +74,20 @@ def median_us(fn: Callable[[], object], repeats: int, warmup: int = WARMUP) -> t
     return statistics.median(wall) / 1e3, statistics.median(cpu) / 1e3
 
 
+def settled_median_us(fn: Callable[[], object], repeats: int, tries: int = 3,
+                      tolerance: float = 0.05) -> tuple[float, float]:
+    """``median_us``, taken again (at most ``tries`` times in all) while the wall-clock median exceeds the
+    CPU-time median by more than ``tolerance``: other processes took the core. The try whose two
+    medians agree best is kept; where none agrees, the figures say so (compare them)."""
+    best = median_us(fn, repeats)
+    for _ in range(tries - 1):
+        if best[0] <= (1 + tolerance) * best[1]:
+            break
+        again = median_us(fn, repeats)
+        best = min(best, again, key=lambda wall_cpu: wall_cpu[0] / wall_cpu[1])
+    return best
+
+
 def _storages(tree: object) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)}
 
@@ -128,7 +143,11 @@ def cpu_arithmetic(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
 def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats: int) -> dict:
     """Launches and host time of ``model(x)`` once compiled (the caller has made ``drv`` active);
     ``launches_by_kernel`` maps an index into ``drv.kernels`` to its launches per forward."""
+    calls = 0
+
     def forward() -> object:
+        nonlocal calls
+        calls += 1
         return model(x)
 
     with torch.inference_mode():
@@ -137,12 +156,11 @@ def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats:
         forward()
         by_kernel = {i: k.launches - (before[i] if i < len(before) else 0) for i, k in enumerate(drv.kernels)}
         launches = sum(by_kernel.values())
-        counted_from = drv.launch_count()
-        wall, cpu = median_us(forward, repeats)
-        total = drv.launch_count() - counted_from
-        if total != launches * (repeats + WARMUP):
-            raise RuntimeError(f"launches per forward changed while timing: {launches} in one forward, {total} "
-                               f"in {repeats + WARMUP}")
+        counted_from, calls = drv.launch_count(), 0
+        wall, cpu = settled_median_us(forward, repeats)
+        if drv.launch_count() - counted_from != launches * calls:
+            raise RuntimeError(f"launches per forward changed while timing: {launches} in one forward, "
+                               f"{drv.launch_count() - counted_from} in {calls}")
         ops = cpu_arithmetic(forward)
     arithmetic = sum(op["us"] for op in ops.values())
     arithmetic_cpu = sum(op["cpu_us"] for op in ops.values())
