@@ -35,6 +35,7 @@ and without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -58,13 +59,14 @@ from vitfast.bench import host_driver, host_measure, host_models, kernel_facts  
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _ints(flag: str, text: str) -> list[int]:
+def _ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers (argparse names the option in its error)."""
     try:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
     if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{flag}: expected positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
@@ -72,7 +74,7 @@ def _models(text: str) -> list[str]:
     names = [v for v in text.split(",") if v]
     bad = [n for n in names if n not in host_models.MODELS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"--models: expected names from {list(host_models.MODELS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected names from {list(host_models.MODELS)}, got {text!r}")
     return names
 
 
@@ -80,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     p.add_argument("--models", type=_models, default=list(host_models.MODELS), help="timm,reference (default both)")
-    p.add_argument("--batches", type=lambda t: _ints("--batches", t), default=[1, 32, 256])
-    p.add_argument("--first-call-batches", type=lambda t: _ints("--first-call-batches", t), default=None,
+    p.add_argument("--batches", type=_ints, default=[1, 32, 256])
+    p.add_argument("--first-call-batches", type=_ints, default=None,
                    help="batches whose first call is timed in fresh processes (default: --batches; '' for none)")
     p.add_argument("--repeats", type=int, default=50, help="timed forwards per model and batch (median)")
     p.add_argument("--eager-repeats", type=int, default=200, help="timed forwards of each eager twin (median)")
@@ -205,7 +207,7 @@ def _machine() -> dict:
         timm_version = None
     return {"device_kind": "cpu", "cpu": _cpu_name(), "cpu_cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "triton": triton.__version__, "timm": timm_version,
-            "load_average": os.getloadavg(), "date": datetime.date.today().isoformat(),
+            "date": datetime.date.today().isoformat(),
             "datetime": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -234,6 +236,22 @@ def print_tables(rows: list[dict], facts: list[dict]) -> None:
               f"{'yes' if f['tma'] else 'no'} | {flags} |")
 
 
+def _settings(args: argparse.Namespace, shape: host_models.Shape, cached: bool) -> dict:
+    """What the figures were taken under, for the JSON."""
+    return {
+        "shape": dataclasses.asdict(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
+        "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
+        "autotune": "off (VITFAST_AUTOTUNE=0)", "target": "sm_90 (stand-in driver, H100 properties)",
+        "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
+                          "CUDA's caching allocator does" if cached else "the C library's default"),
+        "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); fp32; "
+                      "batch 1 (its figure stands for every batch); timed next to each batch's vitfast figure",
+        "host_time": "median of a compiled forward (wall clock; thread CPU time for the *_cpu_* fields) less the "
+                     "CPU arithmetic of the aten operators left in the model that do more than allocate or view, "
+                     "each replayed alone on its forward's arguments",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
@@ -241,33 +259,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeats < 1 or args.eager_repeats < 1:
         raise SystemExit("--repeats and --eager-repeats: expected positive integers")
+    if not args.batches:
+        raise SystemExit("--batches: expected at least one batch size")
     torch.set_num_threads(1)
     cached = host_measure.cache_freed_memory()
     shape = _shape(args)
-    first_batches = args.batches if args.first_call_batches is None else args.first_call_batches
-    first = first_calls(args, first_batches)  # before the steady state: fresh processes on a quiet machine
+    load_start = os.getloadavg()  # 1, 5 and 15 minutes: how busy this shared machine was around the run
+    # First calls first, in fresh processes, while this one does nothing.
+    first = first_calls(args, args.batches if args.first_call_batches is None else args.first_call_batches)
     rows, facts = steady(args)
     for row in rows:
         row.update(first.get((row["model"], row["batch"]), {}))
-    record = {
-        **_machine(),
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "shape": vars(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
-        "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
-        "autotune": "off (VITFAST_AUTOTUNE=0)",
-        "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
-                          "CUDA's caching allocator does" if cached else "the C library's default"), "target": "sm_90 (stand-in driver, H100 properties)",
-        "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); "
-                      "fp32; batch 1 (its figure stands for every batch); timed next to each batch's vitfast figure",
-        "host_time": "median of a compiled forward (wall clock; thread CPU time for the *_cpu_* fields) less "
-                     "the CPU arithmetic of the aten operators left in the model that do more than allocate or "
-                     "view, each replayed alone on its forward's arguments",
-        "rows": rows, "kernels": facts,
-    }
+    record = {**_machine(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
+              "command": " ".join(["python benchmarks/host_time.py", *(sys.argv[1:] if argv is None else argv)]),
+              **_settings(args, shape, cached), "rows": rows, "kernels": facts}
     print_tables(rows, facts)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
