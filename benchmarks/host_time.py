@@ -184,6 +184,8 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
         for i, n in row["launches_by_kernel"].items():
             by_variant[variants[i]] = by_variant.get(variants[i], 0) + n
         row["launches_by_kernel"] = by_variant
+    for fact in facts:
+        fact["launched_by"] = [f"{r['model']}@{r['batch']}" for r in rows if fact["variant"] in r["launches_by_kernel"]]
     return rows, facts
 
 
@@ -226,14 +228,18 @@ def print_tables(rows: list[dict], facts: list[dict]) -> None:
               f"{r['eager_host_cpu_us_per_forward']:,.0f} | {r['host_cpu_over_eager_cpu']:.2f} | "
               f"{r['cpu_arithmetic_us_per_forward']:,.0f} | {_fmt(r.get('first_call_s_cold'), '.1f')} | "
               f"{_fmt(r.get('first_call_s_warm'), '.2f')} | {r.get('first_call_compiles', '-')} |")
-    print("\n| variant | tile | warps | stages | regs | spill B | smem KiB | wgmma | TMA | flags |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")  # smem: Triton's dynamic shared
+    print("\n| variant | flags | tile | warps | stages | regs | spill B | smem KiB | wgmma | TMA | sizes ÷16 | "
+          "launched by |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | --- |")  # smem: dynamic
     for f in facts:
         tile = "×".join(str(v) for k, v in f["tile"].items() if k != "GROUP_M") or "-"
-        flags = ", ".join(f"{k}={v}" for k, v in f["constexprs"].items() if k.isupper() and v not in (False, 0))
-        print(f"| {f['variant']} | {tile} | {f['num_warps']} | {f['num_stages']} | {f['registers']} | "
+        flags = ", ".join(f"{k}={v}" for k, v in f["constexprs"].items()
+                          if k.isupper() and v not in (False, 0) and k != "INPUT_PRECISION")
+        sizes = ", ".join(n for n in f["divisible_by_16"] if not n.startswith("stride"))
+        print(f"| {f['variant']} | {flags} | {tile} | {f['num_warps']} | {f['num_stages']} | {f['registers']} | "
               f"{f['spilled_bytes']} | {f['dynamic_shared_bytes'] / 1024:.0f} | {'yes' if f['wgmma'] else 'no'} | "
-              f"{'yes' if f['tma'] else 'no'} | {flags} |")
+              f"{'yes' if f['tma'] else 'no'} | {sizes or '-'} | "
+              f"{', '.join(f['launched_by'])} |")
 
 
 def _settings(args: argparse.Namespace, shape: host_models.Shape, cached: bool) -> dict:

@@ -28,6 +28,19 @@ def _ptx(kernel: LoadedKernel) -> str:
                       "while the stand-in driver is still active)")
 
 
+def _divisible_integers(kernel: LoadedKernel) -> list[str]:
+    """The integer arguments the JIT specialized as multiples of 16 (pointers always are, here): two
+    variants with the same constexprs differ by these, e.g. M = 197 tokens at batch 1 and 6,304 at 32."""
+    names = kernel.jit_function.arg_names
+    out = []
+    for path, attrs in kernel.src.attrs.items():
+        name = names[path[0]] if len(path) == 1 else None
+        if name and not str(kernel.src.signature.get(name, "")).startswith("*") and \
+                any(attr[0] == "tt.divisibility" for attr in attrs):
+            out.append(name)
+    return out
+
+
 def variant_id(kernel: LoadedKernel) -> str:
     """A short stable name for one compiled variant: the kernel's name and its cubin's hash."""
     return f"{kernel.name}:{hashlib.sha1(kernel.cubin).hexdigest()[:8]}"
@@ -63,6 +76,7 @@ def static_facts(drv: StandInDriver) -> list[dict]:
             "wgmma": "wgmma.mma_async" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx,
             "constexprs": {k: v for k, v in constexprs.items() if k not in _TILE_NAMES},
+            "divisible_by_16": _divisible_integers(kernel),
             "loads": 1,
         }
     return list(rows.values())
