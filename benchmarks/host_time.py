@@ -17,10 +17,11 @@ batch it reports:
   ``cpu_arithmetic_us_per_forward`` with its operators are kept), and ``host_us_per_launch``, that over
   the launches; ``host_cpu_us_per_forward``: the same from the thread's CPU time, which a busy machine's
   preemptions do not inflate (compare the two, and the load average recorded, before trusting either);
-* ``eager_host_us_per_forward``: PyTorch eager's host time for the same op graph, measured in the same
-  run, just before each batch's figure: the same model class at the same depth and heads, width = heads,
-  one patch per image, fp32, batch 1 (``vitfast.bench.host_models``: why those sizes, and why a batch-1
-  figure serves every batch);
+* ``eager_host_us_per_forward``: PyTorch eager's host time for the same op graph, timed in the same rounds
+  as each batch's forwards (``host_measure``: slow spells of this shared machine then move both, and
+  ``host_over_eager`` holds): the same model class at the same depth and heads, width = heads, one patch
+  per image, fp32, batch 1 (``vitfast.bench.host_models``: why those sizes, and why a batch-1 figure
+  serves every batch);
 * ``first_call_s_cold`` / ``first_call_s_warm``: the first forward of a fresh process, from just before
   the call to its end, with a private empty Triton cache (and cache home, where a tuning file would go),
   then again with both kept; ``first_call_compiles``: the variants the cold call compiled (new Triton cache
@@ -168,15 +169,13 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             twin, tx = host_models.eager_twin(model_name, shape)
             model = host_models.optimized(model_name, shape, dtype)
             for batch in args.batches:
-                with torch.inference_mode():  # next to each vitfast figure, so that both see the same load
-                    eager, eager_cpu = host_measure.settled_median_us(lambda: twin(tx), args.eager_repeats)
-                row = host_measure.steady_state(model, host_models.images(shape, batch, dtype), drv, args.repeats)
-                row.update(model=model_name, batch=batch, eager_host_us_per_forward=eager,
-                           eager_host_cpu_us_per_forward=eager_cpu, host_over_eager=row["host_us_per_forward"] / eager,
-                           host_cpu_over_eager_cpu=row["host_cpu_us_per_forward"] / eager_cpu)
+                row = host_measure.steady_state(model, host_models.images(shape, batch, dtype), drv, args.repeats,
+                                                baseline=lambda: twin(tx), baseline_repeats=args.eager_repeats)
+                row.update(model=model_name, batch=batch)
                 rows.append(row)
                 print(f"{model_name} batch {batch}: {row['launches_per_forward']} launches, "
-                      f"{row['host_us_per_forward']:.0f} µs host per forward, eager {eager:.0f} µs", flush=True)
+                      f"{row['host_us_per_forward']:.0f} µs host per forward, eager "
+                      f"{row['eager_host_us_per_forward']:.0f} µs", flush=True)
         facts = kernel_facts.static_facts(drv)
         variants = [kernel_facts.variant_id(k) for k in drv.kernels]
     for row in rows:
@@ -251,10 +250,11 @@ def _settings(args: argparse.Namespace, shape: host_models.Shape, cached: bool) 
         "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
                           "CUDA's caching allocator does" if cached else "the C library's default"),
         "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); fp32; "
-                      "batch 1 (its figure stands for every batch); timed next to each batch's vitfast figure",
+                      "batch 1 (its figure stands for every batch); timed in the same rounds as each batch's forwards",
         "host_time": "median of a compiled forward (wall clock; thread CPU time for the *_cpu_* fields) less the "
-                     "CPU arithmetic of the aten operators left in the model that do more than allocate or view, "
-                     "each replayed alone on its forward's arguments",
+                     "medians of the aten operators left in the model that do more than allocate or view, each "
+                     "replayed alone on its forward's arguments; forwards, replays and the eager twin timed in "
+                     f"{host_measure.ROUNDS} alternating rounds",
     }
 
 

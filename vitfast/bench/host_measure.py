@@ -2,18 +2,21 @@
 and the CPU arithmetic that the PyTorch operators left in the model do (work a GPU would do, not its host).
 
 Every figure is taken with one intra-op thread under ``torch.inference_mode`` (what ``python -m vitfast
-bench`` times). ``host_us_per_forward`` is the wall-clock median less that arithmetic; both are kept,
-and so is the median of the thread's CPU time (``host_cpu_us_per_forward`` less the arithmetic), which
-the scheduler's preemptions on a busy machine do not inflate. Where the two medians disagree by more
-than 5%, the timing is taken again, up to three times in all, and the closest try is kept.
+bench`` times), as medians of ``time.perf_counter_ns`` (wall) and ``time.thread_time_ns`` (this thread's
+CPU time, which other processes taking the core do not inflate). The forward, each arithmetic operator
+replayed alone and the eager baseline are timed in alternating rounds, so that all of them see the same
+machine: on this shared 2-core VM whole-machine slow spells of seconds come and go, doubling both clocks
+(measured: ViT-B 10.5 to 22 ms and its eager twin 1.6 to 3.1 ms in the same spell, their ratio 6.2 to
+7.1). ``host_us_per_forward`` is the forward's median less the medians of its arithmetic operators.
 
 >>> with host_driver.active() as drv:                              # doctest: +SKIP
-...     row = steady_state(model, x, drv, repeats=50)
->>> row["launches_per_forward"], row["host_us_per_forward"]
+...     row = steady_state(model, x, drv, repeats=50, baseline=lambda: twin(tx), baseline_repeats=200)
+>>> row["launches_per_forward"], row["host_us_per_forward"], row["eager_host_us_per_forward"]
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import statistics
 import time
@@ -26,16 +29,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .host_driver import StandInDriver
 
-WARMUP = 3  # calls before the timed ones
+WARMUP = 3  # calls of each timed function before the timed ones
+ROUNDS = 10
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
 # aten operators that only allocate. These and the operators whose results are views of their inputs
 # (reshape, select, dropout in eval) cost dispatch, as on a GPU host; every other aten operator left in a
 # forward (a GEMM, a cat, an add that PyTorch computes) does CPU arithmetic.
 _ALLOCATORS = frozenset(("empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"))
-# Replays of one captured operator: enough to take a median, within about this long.
-_REPLAY_S = 0.3
 
 
 def cache_freed_memory() -> bool:
@@ -56,36 +57,39 @@ def cache_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def median_us(fn: Callable[[], object], repeats: int, warmup: int = WARMUP) -> tuple[float, float]:
-    """Medians, in µs over ``repeats`` calls of ``fn()`` after ``warmup``, of the wall clock
-    (``time.perf_counter_ns``) and of this thread's CPU time (``time.thread_time_ns``). On an idle core
-    they agree; on a busy machine the scheduler's time slices (a few ms) inflate the wall clock only."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    wall, cpu = [], []
-    for _ in range(repeats):
+@dataclasses.dataclass
+class _Clock:
+    """The times of one function's calls, in ns: wall clock and this thread's CPU time."""
+
+    wall: list[int] = dataclasses.field(default_factory=list)
+    cpu: list[int] = dataclasses.field(default_factory=list)
+
+    def time(self, fn: Callable[[], object]) -> None:
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         fn()
-        cpu.append(time.thread_time_ns() - start_cpu)
-        wall.append(time.perf_counter_ns() - start)
-    return statistics.median(wall) / 1e3, statistics.median(cpu) / 1e3
+        self.cpu.append(time.thread_time_ns() - start_cpu)
+        self.wall.append(time.perf_counter_ns() - start)
+
+    def medians_us(self) -> tuple[float, float]:
+        return statistics.median(self.wall) / 1e3, statistics.median(self.cpu) / 1e3
 
 
-def settled_median_us(fn: Callable[[], object], repeats: int, tries: int = 3,
-                      tolerance: float = 0.05) -> tuple[float, float]:
-    """``median_us``, taken again (at most ``tries`` times in all) while the wall-clock median exceeds the
-    CPU-time median by more than ``tolerance``: other processes took the core. The try whose two
-    medians agree best is kept; where none agrees, the figures say so (compare them)."""
-    best = median_us(fn, repeats)
-    for _ in range(tries - 1):
-        if best[0] <= (1 + tolerance) * best[1]:
-            break
-        again = median_us(fn, repeats)
-        best = min(best, again, key=lambda wall_cpu: wall_cpu[0] / wall_cpu[1])
-    return best
+def interleaved_medians_us(fns: dict[str, Callable[[], object]], repeats: dict[str, int],
+                           rounds: int = ROUNDS) -> dict[str, tuple[float, float]]:
+    """{name: (wall, CPU) median µs} of each function, called ``repeats[name]`` times in all (rounded up
+    to whole rounds), in ``rounds`` rounds that each call every function in turn, after ``WARMUP`` calls."""
+    if any(n < 1 for n in repeats.values()) or rounds < 1:
+        raise ValueError(f"repeats and rounds must be >= 1, got {repeats} and {rounds}")
+    for fn in fns.values():
+        for _ in range(WARMUP):
+            fn()
+    gc.collect()
+    clocks = {name: _Clock() for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(-(-repeats[name] // rounds)):
+                clocks[name].time(fn)
+    return {name: clock.medians_us() for name, clock in clocks.items()}
 
 
 def _storages(tree: object) -> set[int]:
@@ -109,40 +113,31 @@ class _Capture(TorchDispatchMode):
         return out
 
 
-def _replay_us(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[float, float]:
-    """Medians (wall, thread CPU time) of one operator call on the arguments it had in the forward; an
-    operator that writes into an argument writes into copies (taken once, outside the timing)."""
-    if func._schema.is_mutable:
-        args, kwargs = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, (args, kwargs))
-    start = time.perf_counter()
-    func(*args, **kwargs)
-    once = time.perf_counter() - start
-    repeats = max(3, min(50, int(_REPLAY_S / max(once, 1e-6))))
-    return median_us(lambda: func(*args, **kwargs), repeats, warmup=0)
+def arithmetic_replays(fn: Callable[[], object]) -> list[tuple[str, Callable[[], object]]]:
+    """(aten operator, a call that replays it) for each operator of one ``fn()`` that does CPU arithmetic:
+    more than allocate or make a view. A replay runs the operator alone on the arguments it had in the
+    forward (an operator that writes into an argument writes into copies, taken here).
 
-
-def cpu_arithmetic(fn: Callable[[], object]) -> dict[str, dict[str, float]]:
-    """{aten operator: {"calls", "us", "cpu_us"}} of the CPU arithmetic in ``fn()``: the operators that
-    do more than allocate or make a view, captured in one call of ``fn`` and each replayed alone on the
-    same arguments (median wall and thread CPU time). A replay includes the operator's dispatch, a few µs
-    that a GPU host pays too, so a model with many of them looks slightly faster than it is; and its
-    inputs have been read before, where the forward's are fresh pages, so the arithmetic is if anything
-    underestimated."""
+    A replay includes the operator's dispatch, a few µs that a GPU host pays too, so a model with many
+    of them looks slightly faster than it is; and its inputs have been read before, where the forward's
+    are fresh pages, so the arithmetic is if anything underestimated.
+    """
     with _Capture() as capture:
         fn()
-    ops: dict[str, dict[str, float]] = {}
+    replays = []
     for func, args, kwargs in capture.calls:
-        op = ops.setdefault(f"aten::{func.overloadpacket.__name__}", {"calls": 0, "us": 0.0, "cpu_us": 0.0})
-        wall, cpu = _replay_us(func, args, kwargs)
-        op["calls"] += 1
-        op["us"] += wall
-        op["cpu_us"] += cpu
-    return dict(sorted(ops.items(), key=lambda kv: -kv[1]["us"]))
+        if func._schema.is_mutable:
+            args, kwargs = tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, (args, kwargs))
+        replays.append((f"aten::{func.overloadpacket.__name__}",
+                        lambda func=func, args=args, kwargs=kwargs: func(*args, **kwargs)))
+    return replays
 
 
-def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats: int) -> dict:
-    """Launches and host time of ``model(x)`` once compiled (the caller has made ``drv`` active);
-    ``launches_by_kernel`` maps an index into ``drv.kernels`` to its launches per forward."""
+def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats: int,
+                 baseline: Callable[[], object] | None = None, baseline_repeats: int = 0) -> dict:
+    """Launches and host time of ``model(x)`` once compiled (the caller has made ``drv`` active), and the
+    eager host time of ``baseline()`` timed in the same rounds; ``launches_by_kernel`` maps an index into
+    ``drv.kernels`` to its launches per forward."""
     calls = 0
 
     def forward() -> object:
@@ -156,23 +151,39 @@ def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats:
         forward()
         by_kernel = {i: k.launches - (before[i] if i < len(before) else 0) for i, k in enumerate(drv.kernels)}
         launches = sum(by_kernel.values())
+        replays = arithmetic_replays(forward)
+        fns = {"forward": forward, **{f"{i}:{name}": replay for i, (name, replay) in enumerate(replays)}}
+        counts = dict.fromkeys(fns, repeats)
+        if baseline is not None:
+            fns["baseline"], counts["baseline"] = baseline, baseline_repeats
         counted_from, calls = drv.launch_count(), 0
-        wall, cpu = settled_median_us(forward, repeats)
+        medians = interleaved_medians_us(fns, counts)
         if drv.launch_count() - counted_from != launches * calls:
             raise RuntimeError(f"launches per forward changed while timing: {launches} in one forward, "
                                f"{drv.launch_count() - counted_from} in {calls}")
-        ops = cpu_arithmetic(forward)
+    ops: dict[str, dict[str, float]] = {}
+    for key, (wall, cpu) in medians.items():
+        if ":" in key:
+            op = ops.setdefault(key.split(":", 1)[1], {"calls": 0, "us": 0.0, "cpu_us": 0.0})
+            op["calls"] += 1
+            op["us"] += wall
+            op["cpu_us"] += cpu
+    wall, cpu = medians["forward"]
     arithmetic = sum(op["us"] for op in ops.values())
-    arithmetic_cpu = sum(op["cpu_us"] for op in ops.values())
-    host = wall - arithmetic
-    return {
+    host, host_cpu = wall - arithmetic, cpu - sum(op["cpu_us"] for op in ops.values())
+    row = {
         "launches_per_forward": launches,
         "host_us_per_forward": host,
         "host_us_per_launch": host / launches if launches else None,
+        "host_cpu_us_per_forward": host_cpu,
         "wall_us_per_forward": wall,
         "thread_cpu_us_per_forward": cpu,
-        "host_cpu_us_per_forward": cpu - arithmetic_cpu,
         "cpu_arithmetic_us_per_forward": arithmetic,
-        "cpu_arithmetic_ops": ops,
+        "cpu_arithmetic_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["us"])),
         "launches_by_kernel": {i: n for i, n in by_kernel.items() if n},
     }
+    if baseline is not None:
+        eager, eager_cpu = medians["baseline"]
+        row.update(eager_host_us_per_forward=eager, eager_host_cpu_us_per_forward=eager_cpu,
+                   host_over_eager=host / eager, host_cpu_over_eager_cpu=host_cpu / eager_cpu)
+    return row
