@@ -36,11 +36,13 @@ and without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import datetime
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -89,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="timed forwards per model and batch (median)")
     p.add_argument("--eager-repeats", type=int, default=200, help="timed forwards of each eager twin (median)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--cprofile", type=int, default=0, metavar="N",
+                   help="also print cProfile's busiest functions over N compiled forwards per model and batch")
     shape = host_models.Shape()
     for name in ("width", "depth", "heads", "img_size", "patch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(shape, name))
@@ -176,6 +180,9 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 print(f"{model_name} batch {batch}: {row['launches_per_forward']} launches, "
                       f"{row['host_us_per_forward']:.0f} µs host per forward, eager "
                       f"{row['eager_host_us_per_forward']:.0f} µs", flush=True)
+                if args.cprofile:
+                    _print_profile(model, host_models.images(shape, batch, dtype), args.cprofile,
+                                   f"{model_name} batch {batch}")
         facts = kernel_facts.static_facts(drv)
         variants = [kernel_facts.variant_id(k) for k in drv.kernels]
     for row in rows:
@@ -186,6 +193,20 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     for fact in facts:
         fact["launched_by"] = [f"{r['model']}@{r['batch']}" for r in rows if fact["variant"] in r["launches_by_kernel"]]
     return rows, facts
+
+
+def _print_profile(model: torch.nn.Module, x: torch.Tensor, forwards: int, label: str) -> None:
+    """cProfile's 25 functions with the most time of their own over ``forwards`` compiled forwards (the
+    profiler's own cost inflates every call several times; read the shares, not the µs)."""
+    profiler = cProfile.Profile()
+    with torch.inference_mode():
+        model(x)
+        profiler.enable()
+        for _ in range(forwards):
+            model(x)
+        profiler.disable()
+    print(f"\n== cProfile, {label}, {forwards} forwards")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 def _cpu_name() -> str:
