@@ -70,7 +70,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return False
     if t.is_cuda:
         return True
-    return t.device.type == "cpu" and (interpreter_enabled() or _stand_in_driver)
+    # The flag first: under the stand-in, a CPU tensor then costs what a CUDA tensor does (no os.environ read).
+    return t.device.type == "cpu" and (_stand_in_driver or interpreter_enabled())
 
 
 @contextmanager
