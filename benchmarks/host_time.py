@@ -195,9 +195,26 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     return rows, facts
 
 
+# Where a function's own time goes, by the path of its file (first match) or, for C functions, its name.
+_AREAS = (("vitfast/ops/", "vitfast ops"), ("vitfast/modules/", "vitfast modules"),
+          ("vitfast/convert/", "vitfast modules"), ("kernels/", "vitfast kernel launchers"),
+          ("vitfast/bench/", "stand-in driver"), ("triton/runtime/autotuner", "Triton Autotuner.run"),
+          ("triton/runtime/jit", "Triton JITFunction.run"), ("triton/", "Triton, other"),
+          ("torch/_library/", "torch.library dispatch"), ("torch/_ops", "torch.library dispatch"),
+          ("torch/_compile", "torch.library dispatch"), ("torch/_dynamo/", "torch.library dispatch"),
+          ("torch/", "torch, other Python"))
+
+
+def _area(path: str, name: str) -> str:
+    if path == "~":  # a C function
+        return ("aten and torch C calls" if "torch" in name else "Triton C calls" if "triton" in name
+                else "Python builtins")
+    return next((area for part, area in _AREAS if part in path), "other Python (models, stdlib)")
+
+
 def _print_profile(model: torch.nn.Module, x: torch.Tensor, forwards: int, label: str) -> None:
-    """cProfile's 25 functions with the most time of their own over ``forwards`` compiled forwards (the
-    profiler's own cost inflates every call several times; read the shares, not the µs)."""
+    """cProfile over ``forwards`` compiled forwards: the self time by area, then the 25 functions with the
+    most (the profiler's own cost inflates every call about twice; read the shares, not the µs)."""
     profiler = cProfile.Profile()
     with torch.inference_mode():
         model(x)
@@ -205,8 +222,15 @@ def _print_profile(model: torch.nn.Module, x: torch.Tensor, forwards: int, label
         for _ in range(forwards):
             model(x)
         profiler.disable()
-    print(f"\n== cProfile, {label}, {forwards} forwards")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    stats = pstats.Stats(profiler)
+    areas: dict[str, float] = {}
+    for (path, _, name), (_, _, own, _, _) in stats.stats.items():
+        areas[_area(path, name)] = areas.get(_area(path, name), 0.0) + own
+    total = sum(areas.values())
+    print(f"\n== cProfile, {label}, {forwards} forwards: self time by area")
+    for area, own in sorted(areas.items(), key=lambda kv: -kv[1]):
+        print(f"{100 * own / total:5.1f}%  {own / forwards * 1e6:8.0f} µs per forward  {area}")
+    stats.sort_stats("tottime").print_stats(25)
 
 
 def _cpu_name() -> str:
