@@ -126,8 +126,7 @@ def first_call_child(args: argparse.Namespace) -> dict:
         model(x)
         first_s = time.perf_counter() - start
         return {"first_call_s": first_s, "build_s": build_s, "variants": len(drv.kernels),
-                "compiles": _cache_entries(cache_dir) - entries, "launches": drv.launch_count(),
-                "benchmark_calls": drv.benchmark_calls}
+                "compiles": _cache_entries(cache_dir) - entries, "benchmark_calls": drv.benchmark_calls}
 
 
 def _run_child(args: argparse.Namespace, model: str, batch: int, home: Path) -> dict:
