@@ -3,6 +3,8 @@
 * CUDA tensors run the compiled Triton kernels.
 * CPU tensors run the same kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set
   before ``triton`` was imported (this is how CI, which has no GPU, tests every kernel).
+* CPU tensors run the compiled kernels while a stand-in for Triton's CUDA driver is active
+  (``vitfast.bench.host_driver``): they compile for sm_90 and launch as no-ops, to measure host time.
 * CPU tensors otherwise run the plain-PyTorch fallback, so a converted model still runs anywhere.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ _warned: set[str] = set()
 _interpreter_lock = threading.RLock()
 _poison = False
 _force_fallback = False
+_stand_in_driver = False
 
 
 def triton_available() -> bool:
@@ -34,6 +37,18 @@ def triton_available() -> bool:
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on CPU tensors through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def stand_in_driver_active() -> bool:
+    """True while a stand-in for Triton's CUDA driver is active (``vitfast.bench.host_driver``): CPU
+    tensors then take the compiled Triton path, which launches nothing."""
+    return _stand_in_driver
+
+
+def set_stand_in_driver(active: bool) -> None:
+    """Called by the stand-in driver as it becomes active and inactive; nothing else changes it."""
+    global _stand_in_driver
+    _stand_in_driver = active
 
 
 def enable_interpreter() -> None:
@@ -55,7 +70,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return False
     if t.is_cuda:
         return True
-    return t.device.type == "cpu" and interpreter_enabled()
+    # The flag first: under the stand-in, a CPU tensor then costs what a CUDA tensor does (no os.environ read).
+    return t.device.type == "cpu" and (_stand_in_driver or interpreter_enabled())
 
 
 @contextmanager
@@ -68,12 +84,14 @@ def launching(device: torch.device, dot_dtype: torch.dtype | None = None) -> Ite
     the public ops take PyTorch for them, and a direct call of a custom op (an exported graph run
     under CPU bf16 autocast, say) raises rather than computing a wrong result. CUDA tensors take no
     lock; their device is made current when it is not, since Triton launches on the current device.
+    Under the stand-in driver CPU tensors run no kernel: no lock, and bf16 dots are compiled as on a GPU.
     """
-    if device.type == "cpu" and dot_dtype == torch.bfloat16:
+    interpreted = device.type == "cpu" and not _stand_in_driver
+    if interpreted and dot_dtype == torch.bfloat16:
         raise RuntimeError("vitfast's kernels on CPU tensors run in Triton's interpreter, whose bfloat16 dots are "
                            "wrong: call the vitfast.ops functions (which compute bfloat16 with PyTorch on the "
                            "CPU), or use float16 or float32")
-    if device.type == "cpu":
+    if interpreted:
         with _interpreter_lock:
             yield
     elif device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -92,6 +110,8 @@ def backend_name(device: torch.device | str) -> str:
         return "triton"
     if device.type == "cpu" and interpreter_enabled():
         return "triton-interpreter"
+    if device.type == "cpu" and _stand_in_driver:
+        return "triton-stand-in-driver"
     return "pytorch-fallback"
 
 

@@ -24,7 +24,8 @@ def kernel_path(op: str, main: Tensor, *others: Tensor | None, dot: bool = True)
         runtime.warn_once(f"{op}:float64", f"vitfast.{op}: float64 inputs; the kernels compute in fp32, "
                                            f"so PyTorch computes this call in float64")
         return False
-    if dot and main.dtype == torch.bfloat16 and main.device.type == "cpu":
+    # On CPU tensors the kernels run in the interpreter unless the stand-in driver compiles them as for a GPU.
+    if dot and main.dtype == torch.bfloat16 and main.device.type == "cpu" and not runtime.stand_in_driver_active():
         runtime.warn_once(f"{op}:interpreter-bf16", f"vitfast.{op}: bfloat16 under Triton's interpreter, "
                                                     f"whose bf16 dots are wrong; using PyTorch")
         return False
