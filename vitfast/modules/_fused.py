@@ -25,6 +25,7 @@ import functools
 import importlib
 import operator
 import types
+from itertools import chain, repeat
 from typing import Callable
 
 import torch
@@ -38,6 +39,9 @@ from . import _replay
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
+_FORWARD = operator.attrgetter("forward")
+_CONTAINERS = operator.itemgetter("_parameters", "_buffers", "_modules")
+_HOOK_DICTS = operator.itemgetter(*_HOOKS)
 _mixins: dict[str, type] = {}
 _made: dict[str, type] = {}
 
@@ -124,46 +128,62 @@ class Plan:
     (``complete``) also holds its settled calls (``_replay.py``), dropped with it."""
 
     def __init__(self, module: nn.Module, children: tuple[str, ...]):
-        entries, stack = [], [module._modules.get(name) for name in children]
+        modules, stack = [], [module._modules.get(name) for name in children]
         while stack:
             m = stack.pop()
             if m is not None:
-                kids = tuple(m._modules.values())
-                entries.append((m, type(m), type(m).forward, kids, tuple(m.__dict__.values()),
-                                tuple(m._parameters.values()), tuple(m._buffers.values())))
-                stack.extend(kids)
+                modules.append(m)
+                stack.extend(m._modules.values())
         self.roots = tuple(module._modules.get(name) for name in children)
-        self.entries = tuple(entries)
+        self.modules = tuple(modules)
+        self.types = tuple(map(type, modules))
+        self.forwards = tuple(map(_FORWARD, self.types))
+        # What the fused path depends on, flattened so that holds() compares it in C: every attribute of
+        # every module below the stand-in, and the parameters, buffers and children of each and of the
+        # stand-in itself (the containers as they are at each check: one may be replaced).
+        self.states = tuple(m.__dict__ for m in modules)
+        self.snapshot = self._snapshot(module)
+        self.hooks = tuple(chain.from_iterable(map(_HOOK_DICTS, self.states)))  # filled in place by register_*
         self.own: tuple = ()
-        self.own_tensors = tuple(module._parameters.values()) + tuple(module._buffers.values())
         self.complete = set(children) >= set(module._modules)
         self.replays: dict = {}
+
+    def _snapshot(self, module: nn.Module) -> tuple:
+        """The identities of every parameter, buffer and child (of the stand-in and below), then every
+        attribute value of the modules below. Containers empty at first are skipped: what a forward
+        reads is there from the start (a None bias included), and attributes show a new container.
+        The plan holds the objects themselves (``tensors``), so that no identity is reused."""
+        if not hasattr(self, "snapshot"):
+            held = [(state, name) for state in (module.__dict__, *self.states)
+                    for name in ("_parameters", "_buffers", "_modules") if state[name]]
+            self.held_states, self.held_names = tuple(s for s, _ in held), tuple(n for _, n in held)
+            self.tensors = tuple(chain.from_iterable(map(dict.values, map(dict.__getitem__, self.held_states,
+                                                                           self.held_names))))
+        containers = map(dict.__getitem__, self.held_states, self.held_names)
+        return tuple(chain(map(id, chain.from_iterable(map(dict.values, containers))),
+                           chain.from_iterable(map(dict.values, self.states))))
 
     def seal(self, module: nn.Module) -> None:
         """Take the stand-in's own attributes, once the plan itself is one of them."""
         self.own = tuple(module.__dict__.values())
 
     def holds(self, module: nn.Module, children: tuple[str, ...]) -> bool:
-        if children and _global_hooks():
+        if children and any(map(getattr, repeat(_torch_module), _GLOBAL_HOOKS)):
             return False
         if not _same_objects(module.__dict__.values(), self.own):
             return False
-        if not _same_objects((*module._parameters.values(), *module._buffers.values()), self.own_tensors):
-            return False
         if tuple(module._modules.get(name) for name in children) != self.roots:
             return False
-        for m, cls, forward, kids, values, params, buffers in self.entries:
-            state = m.__dict__
-            if (type(m) is not cls or cls.forward is not forward
-                    or not _same_objects(state.values(), values)
-                    or not _same_objects(state["_parameters"].values(), params)
-                    or not _same_objects(state["_buffers"].values(), buffers)
-                    or tuple(state["_modules"].values()) != kids):
+        if tuple(map(type, self.modules)) != self.types or tuple(map(_FORWARD, self.types)) != self.forwards:
+            return False
+        try:
+            # Tuples compare item by item, identical objects at once. An attribute replaced by an equal
+            # value (a float, an equal dict) computes the same; a tensor's == raises: changed.
+            if self._snapshot(module) != self.snapshot:
                 return False
-            if (state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
-                    or state["_backward_pre_hooks"]) and not _no_hooks(state, module._vitfast_honours):
-                return False
-        return True
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        return not any(self.hooks) or all(_no_hooks(m.__dict__, module._vitfast_honours) for m in self.modules)
 
 
 class Unfusable(Exception):

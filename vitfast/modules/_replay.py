@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import sys
 import threading
 from typing import Any
@@ -54,6 +55,9 @@ _VIEWS = {_aten.view, _aten._unsafe_view, _aten._reshape_alias, _aten.as_strided
           _aten.split_with_sizes, _aten.unbind, _aten.narrow, _aten.detach, _aten.alias, _aten.lift_fresh,
           _aten.sym_size, _aten.sym_stride, _aten.sym_numel, _aten.sym_storage_offset,
           _aten.promote_types, _aten.result_type, _aten.can_cast, _aten.is_same_size}  # and these read only metadata
+# Views when they can be, copies otherwise (seen as such under inference mode): allowed as views only.
+_VIEWS_OR_COPIES = {_aten.reshape, _aten.flatten, _aten.unflatten, _aten.reshape_as, _aten.view_as,
+                    _aten.contiguous, _aten.expand_as, _aten.movedim, _aten.swapaxes}
 
 _active = threading.local()  # .busy: a replay or recording runs on this thread (nested calls run checked)
 _recording = threading.Lock()  # one recording at a time: the launch hooks and the listener are global
@@ -198,6 +202,9 @@ class Recorder:
         packet = func.overloadpacket
         if packet in _VIEWS:
             return
+        if packet in _VIEWS_OR_COPIES and isinstance(out, Tensor) and isinstance(args[0], Tensor) and (
+                out.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()):
+            return
         if packet in _FRESH or packet in _FILLED:
             self._fresh(out, _FILLED[packet](args) if packet in _FILLED else None)
         elif packet in _IN_PLACE_FILLS and isinstance(args[0], Tensor) and self._buffer_of(args[0], whole=True) is not None:
@@ -315,12 +322,18 @@ class Replay:
         self.compiled = bool(launches) and all(step[2] is not None for step in launches)
         params = {id(s[2]): s[2] for step in self.steps if step[0] == "launch" for s in step[6] if s[1] == _PARAM}
         self.params = tuple(params.values())
-        self.param_meta = tuple(_meta(p) for p in self.params)
+        self.param_meta = _meta(self.params)
         device = recorder.inputs[0].device if recorder.inputs else None
         self.device_index = device.index if device is not None and device.type == "cuda" else None
 
     def parameters_hold(self) -> bool:
-        return all(_meta(p) == m for p, m in zip(self.params, self.param_meta))
+        """The parameters the launches read still have the shapes, strides, dtypes, devices and
+        alignment they were recorded with (``.data`` may have been replaced since)."""
+        params, (ptrs, *rest) = self.params, self.param_meta
+        now_ptrs, *now_rest = _meta(params)
+        if now_rest != rest:
+            return False
+        return now_ptrs == ptrs or all(a % 16 == b % 16 for a, b in zip(now_ptrs, ptrs))
 
     def run(self, inputs: list[Tensor]) -> Any:
         counting = runtime._launch_counts is not None or runtime._launch_dtypes is not None
@@ -350,32 +363,38 @@ class Replay:
     def _run(self, inputs: list[Tensor]) -> list[Tensor | None]:
         bufs: list[Tensor | None] = [None] * len(self.allocs)
         compiled = self.compiled
-        stream = hooks = None
         if compiled:
             from triton import knobs
             from triton.runtime import driver
 
             active = driver.active
             stream = active.get_current_stream(active.get_current_device())
-            hooks = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            if not getattr(enter, "calls", True) and not getattr(exit_, "calls", True):
+                enter = exit_ = None  # empty hook chains: the launcher then calls nothing, as Triton's would
+        poison = runtime._poison
         for i, step in enumerate(self.steps):
             kind = step[0]
             if kind == "alloc":
                 size, stride, dtype, device = self.allocs[step[1]]
-                bufs[step[1]] = runtime.empty_strided(size, stride, dtype=dtype, device=device)
+                bufs[step[1]] = (runtime.empty_strided(size, stride, dtype=dtype, device=device) if poison
+                                 else torch.empty_strided(size, stride, dtype=dtype, device=device))
             elif kind == "fill":
                 bufs[step[1]].fill_(step[2])
             else:
                 _, fn, kernel, grid, values, options, slots = step
-                values = list(values)
-                for pos, where, base, offset, view in slots:
-                    ref = inputs[base] if where == _IN else bufs[base] if where == _BUF else base
-                    values[pos] = ref.data_ptr() + offset if compiled else _view(ref, view)
+                values = values.copy()
                 if compiled:
-                    meta = kernel.launch_metadata(grid, stream, *values) if hooks[0] is not None else None
+                    for pos, where, base, offset, _ in slots:
+                        values[pos] = (inputs[base] if where == _IN else bufs[base] if where == _BUF
+                                       else base).data_ptr() + offset
+                    meta = None if enter is None else kernel.launch_metadata(grid, stream, *values)
                     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
-                               hooks[0], hooks[1], *values)
+                               enter, exit_, *values)
                 else:
+                    for pos, where, base, _, view in slots:
+                        values[pos] = _view(inputs[base] if where == _IN else bufs[base] if where == _BUF else base,
+                                            view)
                     fn[grid](*values, **options)
                 for j in self.frees[i]:
                     bufs[j] = None
@@ -400,8 +419,13 @@ def _view(ref: Tensor, view: tuple) -> Tensor:
     return ref.as_strided(size, stride, ref.storage_offset() + offset)
 
 
-def _meta(t: Tensor) -> tuple:
-    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16
+_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
+
+
+def _meta(tensors: tuple[Tensor, ...]) -> list[tuple]:
+    """[addresses, shapes, strides, dtypes, devices] of ``tensors``, each a tuple (built in C)."""
+    return [tuple(map(Tensor.data_ptr, tensors)), tuple(map(_SHAPE, tensors)), tuple(map(Tensor.stride, tensors)),
+            tuple(map(_DTYPE, tensors)), tuple(map(_DEVICE, tensors))]
 
 
 def _is_slot(template: Any) -> bool:
