@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import operator
 import sys
 import threading
@@ -162,7 +163,6 @@ class Recorder:
         self.spoiled: str | None = None
         self.quiet = 0  # inside a Triton launch: the interpreter's own tensor work is not the forward's
         self.buffers: list[_Buffer] = []  # what each allocation was (the tensors themselves are not kept)
-        self.fills: dict[int, float] = {}  # buffer index -> the value its allocation was filled with
         self.steps: list[tuple] = []  # ("alloc", j) / ("fill", j, value) / ("launch", ...), in order
         self.counted: list[tuple[str, tuple[torch.dtype, ...]]] = []
         self.storages: dict[int, tuple[int, Tensor | int]] = {}
@@ -207,8 +207,10 @@ class Recorder:
             return
         if packet in _FRESH or packet in _FILLED:
             self._fresh(out, _FILLED[packet](args) if packet in _FILLED else None)
-        elif packet in _IN_PLACE_FILLS and isinstance(args[0], Tensor) and self._buffer_of(args[0], whole=True) is not None:
-            self.steps.append(("fill", self._buffer_of(args[0], whole=True), _IN_PLACE_FILLS[packet](args)))
+            return
+        j = self._buffer_of(args[0]) if packet in _IN_PLACE_FILLS and isinstance(args[0], Tensor) else None
+        if j is not None:
+            self.steps.append(("fill", j, _IN_PLACE_FILLS[packet](args)))
         else:
             self.spoil(f"the fused path ran {func}")
 
@@ -223,9 +225,10 @@ class Recorder:
         if fill is not None:
             self.steps.append(("fill", j, fill))
 
-    def _buffer_of(self, t: Tensor, whole: bool = False) -> int | None:
+    def _buffer_of(self, t: Tensor) -> int | None:
+        """The allocation ``t`` covers whole, or None."""
         kind, j = self.storages.get(t.untyped_storage().data_ptr(), (None, None))
-        if kind != _BUF or (whole and (t.data_ptr() != self.buffers[j].data_ptr or t.numel() != self.buffers[j].numel)):
+        if kind != _BUF or t.data_ptr() != self.buffers[j].data_ptr or t.numel() != self.buffers[j].numel:
             return None
         return j
 
@@ -292,8 +295,7 @@ class Replay:
     def __init__(self, recorder: Recorder, outputs: Any):
         bufs = recorder.buffers
         used = {slot[2] for step in recorder.steps if step[0] == "launch" for slot in step[6] if slot[1] == _BUF}
-        escaping = set()
-        _escaping(outputs, escaping)
+        escaping = {j for where, j, _, _ in _slots(outputs) if where == _BUF}
         self.allocs = {j: (b.shape, b.stride, b.dtype, b.device) for j, b in enumerate(bufs)}
         self.steps: list[tuple] = []
         last_use: dict[int, int] = {}
@@ -313,8 +315,9 @@ class Replay:
         self.frees = {i: tuple(j for j, last in last_use.items() if last == i and j not in escaping)
                       for i in range(len(self.steps))}
         for where, j, _, (size, stride, offset, _) in _slots(outputs):
-            _, _, dtype, device = self.allocs[j] if where == _BUF else (None,) * 4
-            if where == _BUF and offset == 0 and _numel(size) == _numel(self.allocs[j][0]) and _contiguous(size, stride):
+            if where == _BUF and offset == 0 and math.prod(size) == math.prod(self.allocs[j][0]) and _contiguous(
+                    size, stride):
+                _, _, dtype, device = self.allocs[j]
                 self.allocs[j] = (size, stride, dtype, device)  # allocated as returned: no view to make
         self.outputs = outputs
         self.counted = tuple(recorder.counted)
@@ -441,17 +444,6 @@ def _slots(template: Any) -> list[tuple]:
     return []
 
 
-def _escaping(template: Any, into: set) -> None:
-    into.update(s[1] for s in _slots(template) if s[0] == _BUF)
-
-
-def _numel(size: tuple[int, ...]) -> int:
-    n = 1
-    for s in size:
-        n *= s
-    return n
-
-
 def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     expected = 1
     for n, st in zip(reversed(size), reversed(stride)):
@@ -483,8 +475,9 @@ def _rebuild(template: Any, inputs: list[Tensor], bufs: list[Tensor | None]) -> 
 
 
 class _Launches:
-    """The hook on Triton's launch path (``JITFunction.run``, the interpreter's ``run``, and the
-    autotuner's, whose benchmarking launches are not the forward's)."""
+    """The hook on Triton's launch path (``JITFunction.run`` and the interpreter's ``run``): every launch
+    of the recording thread's forward is recorded with the arguments it really took. (vitfast's kernels
+    have no autotuners; tuning sessions, whose timing launches are not a forward's, record nothing.)"""
 
     def __init__(self):
         self.recorder: Recorder | None = None
@@ -493,11 +486,10 @@ class _Launches:
     def install(self) -> None:
         if self.installed:
             return
-        from triton.runtime import autotuner, interpreter, jit
+        from triton.runtime import interpreter, jit
 
         for cls in (jit.JITFunction, interpreter.InterpretedFunction):
             cls.run = self._wrap(cls.run)
-        autotuner.Autotuner._bench = self._quiet(autotuner.Autotuner._bench)
         self.installed = True
 
     def _wrap(self, run):
@@ -515,22 +507,6 @@ class _Launches:
             recorder.launched(fn, kernel if hasattr(kernel, "packed_metadata") else None, grid, args, kwargs)
             return kernel
         return recorded_run
-
-    def _quiet(self, bench):
-        """The autotuner's benchmarking launches are not the forward's; the launch it then makes with
-        the config it picked goes through ``JITFunction.run`` and is recorded there."""
-        launches = self
-
-        def quiet_bench(tuner, *args, **kwargs):
-            recorder = launches.recorder
-            if recorder is None or recorder.thread != threading.get_ident():
-                return bench(tuner, *args, **kwargs)
-            recorder.quiet += 1
-            try:
-                return bench(tuner, *args, **kwargs)
-            finally:
-                recorder.quiet -= 1
-        return quiet_bench
 
 
 _launches = _Launches()
