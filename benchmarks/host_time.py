@@ -28,9 +28,9 @@ batch it reports:
   entries), ``first_call_variants`` those it loaded; ``build_s``: model build, bf16 cast and optimize.
 
 And, per kernel variant the forwards compiled, its static facts from the cubin (``cuobjdump``):
-registers, spill stack, shared memory, config, wgmma and TMA. Every process runs with
-``VITFAST_AUTOTUNE=0`` (a no-op launcher cannot time configs: each autotuner takes its first fitting one)
-and without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's caching allocator does
+registers, spill stack, shared memory, config, wgmma and TMA. Every process runs the kernels' config
+rules, as a GPU's first call does (``VITFAST_TUNING_FILE`` names a file that does not exist, so no tuning
+file of this machine's user is read), without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's caching allocator does
 (``host_measure.cache_freed_memory``: otherwise each activation above 32 MiB costs an mmap and a munmap).
 """
 from __future__ import annotations
@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure the checkout this script sits in, not an installed vitfast
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels that this instrument compiles")
-os.environ["VITFAST_AUTOTUNE"] = "0"  # read when the kernels are imported
+# The config rules, never a tuning file's picks (kernels/_tuned.py reads this when a kernel first runs).
+os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp(prefix="vitfast-host-time-")) / "none.json")
 
 import torch  # noqa: E402
 
@@ -132,7 +133,7 @@ def first_call_child(args: argparse.Namespace) -> dict:
 def _run_child(args: argparse.Namespace, model: str, batch: int, home: Path) -> dict:
     """One fresh process whose Triton cache and cache home are ``home``'s (empty on the first call)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(home / "triton"), XDG_CACHE_HOME=str(home / "xdg"), VITFAST_AUTOTUNE="0",
+    env.update(TRITON_CACHE_DIR=str(home / "triton"), XDG_CACHE_HOME=str(home / "xdg"),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", model, str(batch), str(home / "triton"),
             "--dtype", args.dtype, *(f"--{n}={getattr(args, n.replace('-', '_'))}"
@@ -290,7 +291,7 @@ def _settings(args: argparse.Namespace, shape: host_models.Shape, cached: bool) 
     return {
         "shape": dataclasses.asdict(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
         "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
-        "autotune": "off (VITFAST_AUTOTUNE=0)", "target": "sm_90 (stand-in driver, H100 properties)",
+        "configs": "the kernels' rules (no tuning file)", "target": "sm_90 (stand-in driver, H100 properties)",
         "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
                           "CUDA's caching allocator does" if cached else "the C library's default"),
         "eager_twin": "same model class, depth and heads; width = heads; one patch per image (2 tokens); fp32; "

@@ -23,9 +23,9 @@ def replays(monkeypatch):
     ran = []
     run = _replay.Replay.run
 
-    def counted(self, inputs):
+    def counted(self, inputs, ptrs):
         ran.append(self)
-        return run(self, inputs)
+        return run(self, inputs, ptrs)
 
     monkeypatch.setattr(_replay.Replay, "run", counted)
     return ran

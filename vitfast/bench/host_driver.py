@@ -11,11 +11,10 @@ the cubin's real register and spill counts) and the launcher, which counts the l
 What a real launch adds on top (the C launcher packing the arguments, ``cuLaunchKernelEx``, a few µs
 each on an H100 host) is not in a figure taken here.
 
-Autotuning would time no-op launches: the stand-in's benchmarker runs each candidate once (so it
-compiles, as on a GPU) and calls every candidate equally fast, so an autotuner keeps its first config.
-Measure with ``VITFAST_AUTOTUNE=0`` (one fitting config per kernel and shape). Triton 3.6 still
-benchmarks a single remaining config (3.8 does not): under 3.6 that first call launches it once more,
-counted in ``benchmark_calls``; on a GPU it costs a ``do_bench`` (~0.1 s) per autotune key.
+Tuning would time no-op launches: the stand-in's benchmarker runs each candidate once (so it compiles,
+as on a GPU), counted in ``benchmark_calls``, and calls every candidate equally fast. vitfast's kernels
+take their configs from rules (``kernels/_configs.py``) unless a tuning session runs, so a forward
+measured here runs the configs a GPU's first call would.
 
 >>> from vitfast.bench import host_driver
 >>> with host_driver.active() as drv:             # doctest: +SKIP
@@ -80,10 +79,10 @@ class _Launcher:
     Called as Triton 3.6 and 3.8 call a CUDA launcher; like the real one it launches nothing for an
     empty grid and calls the launch hooks (profilers) that Triton passes."""
 
-    __slots__ = ("kernel",)
+    __slots__ = ("kernel", "owner")
 
-    def __init__(self, kernel: LoadedKernel):
-        self.kernel = kernel
+    def __init__(self, kernel: LoadedKernel, owner: "StandInDriver"):
+        self.kernel, self.owner = kernel, owner
 
     def __call__(self, grid_x: int, grid_y: int, grid_z: int, stream: int, function: int, packed_metadata: Any,
                  launch_metadata: Any, enter_hook: Any, exit_hook: Any, *args: Any) -> None:
@@ -92,6 +91,8 @@ class _Launcher:
         if enter_hook is not None:
             enter_hook(launch_metadata)
         self.kernel.launches += 1
+        if self.owner.trace is not None:
+            self.owner.trace.append((self.kernel, (grid_x, grid_y, grid_z), args))
         if exit_hook is not None:
             exit_hook(launch_metadata)
 
@@ -127,12 +128,15 @@ class StandInDriver(DriverBase):
     """Answers what Triton 3.6 and 3.8 ask of the CUDA driver between a JIT call and the launch.
 
     ``kernels`` lists every variant loaded while it was active, in load order, each with its launch
-    count; ``launch_count()`` sums them.
+    count; ``launch_count()`` sums them. While ``trace`` is a list, each launch appends to it
+    ``(kernel, grid, arguments)``: the arguments as the launcher got them (tensors from the JIT, addresses
+    from a settled call's replay).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels: list[LoadedKernel] = []
+        self.trace: list[tuple[LoadedKernel, tuple[int, int, int], tuple]] | None = None
         self.benchmark_calls = 0
         self.utils = _Utils(self)
 
@@ -144,7 +148,7 @@ class StandInDriver(DriverBase):
         """Called by ``CompiledKernel`` as it loads a kernel, just before ``utils.load_binary``."""
         kernel = LoadedKernel(src.fn, src, metadata)
         self.kernels.append(kernel)
-        return _Launcher(kernel)
+        return _Launcher(kernel, self)
 
     def launch_count(self) -> int:
         return sum(k.launches for k in self.kernels)

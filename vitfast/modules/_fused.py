@@ -118,14 +118,21 @@ def _same_objects(now, then: tuple) -> bool:
     return len(now) == len(then) and all(map(operator.is_, now, then))
 
 
+# Attributes every module has that no forward reads: the state-dict and load hooks, the bookkeeping
+# of buffers and hooks. A plan compares every other attribute (the forward hook dicts among them).
+_INERT = frozenset(("_non_persistent_buffers_set", "_is_full_backward_hook", "_forward_hooks_with_kwargs",
+                    "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
+
+
 class Plan:
     """A stand-in and its bypassed submodules as they were when the stand-in last checked them in
     full: every object, its class and forward, its children, parameters and buffers, and the
     attribute values of the stand-in and of every module below it (a dropout's p, an eps, an
     activation's kind). While all of that holds and no hook is registered, the fused path stays
-    valid without re-running the checks; any change (an attribute set, a submodule, parameter or
-    buffer replaced) re-runs them once. A plan that covers all of the stand-in's children
-    (``complete``) also holds its settled calls (``_replay.py``), dropped with it."""
+    valid without re-running the checks; any change (an attribute set, added or deleted, a
+    submodule, parameter or buffer replaced) re-runs them once. A plan that covers all of the
+    stand-in's children (``complete``) also holds its settled calls (``_replay.py``), dropped with it."""
 
     def __init__(self, module: nn.Module, children: tuple[str, ...]):
         modules, stack = [], [module._modules.get(name) for name in children]
@@ -134,14 +141,23 @@ class Plan:
             if m is not None:
                 modules.append(m)
                 stack.extend(m._modules.values())
-        self.roots = tuple(module._modules.get(name) for name in children)
+        self.children = children
         self.modules = tuple(modules)
-        self.types = tuple(map(type, modules))
-        self.forwards = tuple(map(_FORWARD, self.types))
-        # What the fused path depends on, flattened so that holds() compares it in C: every attribute of
-        # every module below the stand-in, and the parameters, buffers and children of each and of the
-        # stand-in itself (the containers as they are at each check: one may be replaced).
+        # What the fused path depends on, flattened so that holds() builds and compares it in C: the class
+        # and class forward of every module below the stand-in, how many attributes each has, the
+        # stand-in's children, the identities of the parameters, buffers and children of each module and
+        # of the stand-in itself (the containers as they are at each check: one may be replaced), and the
+        # value of every attribute of the modules below but the inert ones (by key: a getter per module;
+        # the counts show a key added).
         self.states = tuple(m.__dict__ for m in modules)
+        self.getters = tuple(operator.itemgetter(*[k for k in state if k not in _INERT] or ["training"])
+                             for state in self.states)
+        held = [(state, name) for state in (module.__dict__, *self.states)
+                for name in ("_parameters", "_buffers", "_modules") if state[name]]
+        self.held_states, self.held_names = tuple(s for s, _ in held), tuple(n for _, n in held)
+        # The objects themselves, so that no identity the snapshot holds is reused.
+        self.tensors = tuple(chain.from_iterable(map(dict.values, map(dict.__getitem__, self.held_states,
+                                                                       self.held_names))))
         self.snapshot = self._snapshot(module)
         self.hooks = tuple(chain.from_iterable(map(_HOOK_DICTS, self.states)))  # filled in place by register_*
         self.own: tuple = ()
@@ -149,39 +165,29 @@ class Plan:
         self.replays: dict = {}
 
     def _snapshot(self, module: nn.Module) -> tuple:
-        """The identities of every parameter, buffer and child (of the stand-in and below), then every
-        attribute value of the modules below. Containers empty at first are skipped: what a forward
-        reads is there from the start (a None bias included), and attributes show a new container.
-        The plan holds the objects themselves (``tensors``), so that no identity is reused."""
-        if not hasattr(self, "snapshot"):
-            held = [(state, name) for state in (module.__dict__, *self.states)
-                    for name in ("_parameters", "_buffers", "_modules") if state[name]]
-            self.held_states, self.held_names = tuple(s for s, _ in held), tuple(n for _, n in held)
-            self.tensors = tuple(chain.from_iterable(map(dict.values, map(dict.__getitem__, self.held_states,
-                                                                           self.held_names))))
+        """What the plan compares (see ``__init__``). Containers empty at first are skipped: what a
+        forward reads is there from the start (a None bias included), and attributes show a new container."""
+        types = tuple(map(type, self.modules))
         containers = map(dict.__getitem__, self.held_states, self.held_names)
-        return tuple(chain(map(id, chain.from_iterable(map(dict.values, containers))),
-                           chain.from_iterable(map(dict.values, self.states))))
+        return tuple(chain(types, map(_FORWARD, types), map(len, self.states), map(module._modules.get, self.children),
+                           map(id, chain.from_iterable(map(dict.values, containers))),
+                           map(operator.call, self.getters, self.states)))
 
     def seal(self, module: nn.Module) -> None:
         """Take the stand-in's own attributes, once the plan itself is one of them."""
         self.own = tuple(module.__dict__.values())
 
-    def holds(self, module: nn.Module, children: tuple[str, ...]) -> bool:
-        if children and any(map(getattr, repeat(_torch_module), _GLOBAL_HOOKS)):
+    def holds(self, module: nn.Module) -> bool:
+        if self.children and any(map(getattr, repeat(_torch_module), _GLOBAL_HOOKS)):
             return False
         if not _same_objects(module.__dict__.values(), self.own):
-            return False
-        if tuple(module._modules.get(name) for name in children) != self.roots:
-            return False
-        if tuple(map(type, self.modules)) != self.types or tuple(map(_FORWARD, self.types)) != self.forwards:
             return False
         try:
             # Tuples compare item by item, identical objects at once. An attribute replaced by an equal
             # value (a float, an equal dict) computes the same; a tensor's == raises: changed.
             if self._snapshot(module) != self.snapshot:
                 return False
-        except (RuntimeError, TypeError, ValueError):
+        except (RuntimeError, TypeError, ValueError, KeyError):  # KeyError: an attribute deleted
             return False
         return not any(self.hooks) or all(_no_hooks(m.__dict__, module._vitfast_honours) for m in self.modules)
 
@@ -235,6 +241,12 @@ class Fused:
 
     def forward(self, *args, **kwargs):
         """Every concrete stand-in's forward, under the original forward's signature (``_signed_as``)."""
+        plan = self.__dict__.get("_vitfast_plan")
+        # A settled call: its checks in one place, cheapest first. torch.compile traces the checked path.
+        if plan is not None and plan.replays and not torch.compiler.is_compiling():
+            out = _replay.replayed(self, plan, args, kwargs)
+            if out is not _replay.NOT_SETTLED:
+                return out
         proxy = first_proxy((*args, *kwargs.values()))
         if proxy is not None:
             return self._vitfast_trace(proxy.tracer, args, kwargs)
@@ -260,7 +272,7 @@ class Fused:
             return (bypass_reason(self, children, self._vitfast_honours) or override_reason(type(self))
                     or self._vitfast_unsupported())
         plan = self.__dict__.get("_vitfast_plan")
-        if plan is not None and plan.holds(self, children):
+        if plan is not None and plan.children == children and plan.holds(self):
             return None
         reason = (bypass_reason(self, children, self._vitfast_honours) or override_reason(type(self))
                   or self._vitfast_unsupported())

@@ -7,8 +7,9 @@ per launch, which decide the speed of batch 1 to 64 on a GPU. All of it depends 
 call's key holds (the shapes, strides, dtypes, devices and alignment of its tensors, its other
 arguments, the global switches the ops read) and on the module's state (its plan, ``_fused.Plan``,
 and the metadata of the parameters the launches read). So the first call with a key runs the
-checked path while ``Recorder`` watches it, and later calls with that key replay what it saw:
-allocate the same buffers, launch the same compiled kernels with the new tensors' addresses.
+checked path while ``Recorder`` watches it, and later calls with that key replay what it saw
+(``_replay_steps.Replay``): the buffers it returns allocated again, the others laid out in one
+workspace, the same compiled kernels launched with the new tensors' addresses.
 
 A recording becomes a replay only when it is exact by construction:
 
@@ -20,16 +21,16 @@ A recording becomes a replay only when it is exact by construction:
   allocation of the recorded forward, and so is everything the forward returns;
 * gradients are off, there is no autocast, tracing, compiling or mode, the tensors are plain.
 
-The module's state is checked on every replay: the plan (objects, classes, forwards, attribute
-values and hooks of the module and all below it) and the shape, strides, dtype, device and
-alignment of each parameter a launch reads (``.data`` may have been replaced).
+Every replay checks, first thing in the stand-in's forward (``replayed``): the call's key, the plan
+(objects, classes, forwards, attribute values and hooks of the module and all below it), that the
+stand-in fuses this call, and the shape, strides, dtype, device and alignment of each parameter a
+launch reads (``.data`` may have been replaced). Any of them failing sends the call down the checked
+path, which re-plans, and records again where the key is new.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import math
-import operator
 import sys
 import threading
 from typing import Any
@@ -41,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import runtime
 from ..kernels import _precompile
 from ..ops import _dispatch
+from ._replay_steps import _BUF, _IN, _PARAM, Replay
 
 NOT_SETTLED = object()  # ``settled``'s answer when the call runs the checked path
 _MAX_KEYS = 8  # replays kept per plan (input signatures a module meets: batch sizes, resolutions)
@@ -62,26 +64,31 @@ _VIEWS_OR_COPIES = {_aten.reshape, _aten.flatten, _aten.unflatten, _aten.reshape
 
 _active = threading.local()  # .busy: a replay or recording runs on this thread (nested calls run checked)
 _recording = threading.Lock()  # one recording at a time: the launch hooks and the listener are global
-_IN, _BUF, _PARAM = 0, 1, 2
+
+
+_C = torch._C
+_tf32 = getattr(_C, "_get_cublas_allow_tf32", None) or (lambda: torch.backends.cuda.matmul.allow_tf32)
+_any_autocast = getattr(_C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
 
 
 def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
     """The call's signature, or None when it cannot be replayed (see the module docstring).
     ``switches``: the global settings the stand-in's own forward reads (``Fused._vitfast_switches``)."""
-    if (torch.is_grad_enabled() or runtime._force_fallback or _precompile.active() or _tuning()
-            or torch.jit.is_tracing()
-            or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() or torch._C._functorch.maybe_current_level() is not None):
+    if (_C.is_grad_enabled() or runtime._force_fallback or _precompile.active() or _tuning()
+            or _C._get_tracing_state() is not None or torch.compiler.is_compiling()
+            or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack()
+            or _C._functorch.maybe_current_level() is not None or _any_autocast()):
         return None
-    parts: list = [torch.is_inference_mode_enabled(), torch.backends.cuda.matmul.allow_tf32, switches]
+    parts: list = [_C.is_inference_mode_enabled(), _tf32(), switches]
     tensors: list[Tensor] = []
     for name, value in (*enumerate(args), *kwargs.items()):
         if type(value) is Tensor:
             same = next((i for i, t in enumerate(tensors) if t is value), None)
             if same is None:
-                tensors.append(value)
-                if value.device.type not in ("cpu", "cuda") or torch.is_autocast_enabled(value.device.type):
+                if not (value.is_cuda or value.is_cpu) or value.is_nested or value.layout is not torch.strided:
                     return None
+                tensors.append(value)
                 parts.append((name, value.shape, value.stride(), value.dtype, value.device, value.data_ptr() % 16))
             else:
                 parts.append((name, same))
@@ -107,9 +114,24 @@ def _inputs(args: tuple, kwargs: dict) -> list[Tensor]:
     return out
 
 
+def replayed(module: torch.nn.Module, plan, args: tuple, kwargs: dict) -> Any:
+    """A settled call's output, from its replay, when everything the replay was recorded under holds:
+    the call's key, the plan (``_fused.Plan.holds``), the stand-in's will to fuse this call and the
+    parameters' metadata; ``NOT_SETTLED`` otherwise (the stand-in then runs its checked path, which may
+    record). The common case of every stand-in's forward, so its checks come cheapest first."""
+    key = _key(args, kwargs, module._vitfast_switches())
+    replay = plan.replays.get(key) if key is not None else None
+    if (replay is None or getattr(_active, "busy", False) or not plan.holds(module)
+            or module._vitfast_declines(*args, **kwargs)):
+        return NOT_SETTLED
+    ptrs = replay.parameters_hold()
+    return NOT_SETTLED if ptrs is None else replay.run(_inputs(args, kwargs), ptrs)
+
+
 def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The output of ``module``'s fused forward on these arguments through its replay, recording
-    one first if this call signature has none; ``NOT_SETTLED`` when the call takes the checked path."""
+    """On the checked path (the plan holds; the stand-in fuses this call): the output of ``module``'s
+    fused forward through its replay, recording one first if this call signature has none;
+    ``NOT_SETTLED`` when the call runs the fused forward itself."""
     if getattr(_active, "busy", False):
         return NOT_SETTLED
     plan = module.__dict__.get("_vitfast_plan")
@@ -122,8 +144,10 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     replay = replays.get(key, plan)  # the plan itself stands for "not recorded yet"
     if replay is None:
         return NOT_SETTLED
-    if replay is not plan and replay.parameters_hold():
-        return replay.run(_inputs(args, kwargs))
+    if replay is not plan:
+        ptrs = replay.parameters_hold()
+        if ptrs is not None:
+            return replay.run(_inputs(args, kwargs), ptrs)
     inputs = _inputs(args, kwargs)
     if not inputs or not runtime.use_triton(inputs[0]):  # the ops run PyTorch: nothing to replay
         replays[key] = None
@@ -288,122 +312,6 @@ def _template(out: Any, recorder: Recorder) -> Any:
     return None
 
 
-class Replay:
-    """A recorded forward as steps: allocate, fill, launch (compiled kernels with raw addresses, or
-    the interpreter's functions with views), then the outputs rebuilt from the buffers."""
-
-    def __init__(self, recorder: Recorder, outputs: Any):
-        bufs = recorder.buffers
-        used = {slot[2] for step in recorder.steps if step[0] == "launch" for slot in step[6] if slot[1] == _BUF}
-        escaping = {j for where, j, _, _ in _slots(outputs) if where == _BUF}
-        self.allocs = {j: (b.shape, b.stride, b.dtype, b.device) for j, b in enumerate(bufs)}
-        self.steps: list[tuple] = []
-        last_use: dict[int, int] = {}
-        for step in recorder.steps:
-            kind, j = step[0], step[1] if step[0] != "launch" else None
-            if kind in ("alloc", "fill") and j not in used and j not in escaping:
-                continue
-            if kind == "launch":
-                _, fn, kernel, grid, values, options, slots = step
-                for _, where, base, _, _ in slots:
-                    if where == _BUF:
-                        last_use[base] = len(self.steps)
-                self.steps.append(("launch", fn, kernel, grid + (1,) * (3 - len(grid)), values, options,
-                                   tuple(slots)))
-            else:
-                self.steps.append(step)
-        self.frees = {i: tuple(j for j, last in last_use.items() if last == i and j not in escaping)
-                      for i in range(len(self.steps))}
-        for where, j, _, (size, stride, offset, _) in _slots(outputs):
-            if where == _BUF and offset == 0 and math.prod(size) == math.prod(self.allocs[j][0]) and _contiguous(
-                    size, stride):
-                _, _, dtype, device = self.allocs[j]
-                self.allocs[j] = (size, stride, dtype, device)  # allocated as returned: no view to make
-        self.outputs = outputs
-        self.counted = tuple(recorder.counted)
-        launches = [step for step in self.steps if step[0] == "launch"]
-        self.compiled = bool(launches) and all(step[2] is not None for step in launches)
-        params = {id(s[2]): s[2] for step in self.steps if step[0] == "launch" for s in step[6] if s[1] == _PARAM}
-        self.params = tuple(params.values())
-        self.param_meta = _meta(self.params)
-        device = recorder.inputs[0].device if recorder.inputs else None
-        self.device_index = device.index if device is not None and device.type == "cuda" else None
-
-    def parameters_hold(self) -> bool:
-        """The parameters the launches read still have the shapes, strides, dtypes, devices and
-        alignment they were recorded with (``.data`` may have been replaced since)."""
-        params, (ptrs, *rest) = self.params, self.param_meta
-        now_ptrs, *now_rest = _meta(params)
-        if now_rest != rest:
-            return False
-        return now_ptrs == ptrs or all(a % 16 == b % 16 for a, b in zip(now_ptrs, ptrs))
-
-    def run(self, inputs: list[Tensor]) -> Any:
-        counting = runtime._launch_counts is not None or runtime._launch_dtypes is not None
-        _active.busy = True
-        profiling = torch.autograd.profiler._is_profiler_enabled
-        scope = torch.profiler.record_function("vitfast::replay") if profiling else None
-        try:
-            if scope is not None:
-                scope.__enter__()
-            if self.device_index is not None and self.device_index != torch.cuda.current_device():
-                with torch.cuda.device(self.device_index):
-                    bufs = self._run(inputs)
-            elif self.compiled:
-                bufs = self._run(inputs)
-            else:
-                with runtime._interpreter_lock:
-                    bufs = self._run(inputs)
-        finally:
-            _active.busy = False
-            if scope is not None:
-                scope.__exit__(None, None, None)
-        if counting:
-            for op, dtypes in self.counted:
-                runtime.record_replayed_launch(op, dtypes)
-        return _rebuild(self.outputs, inputs, bufs)
-
-    def _run(self, inputs: list[Tensor]) -> list[Tensor | None]:
-        bufs: list[Tensor | None] = [None] * len(self.allocs)
-        compiled = self.compiled
-        if compiled:
-            from triton import knobs
-            from triton.runtime import driver
-
-            active = driver.active
-            stream = active.get_current_stream(active.get_current_device())
-            enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-            if not getattr(enter, "calls", True) and not getattr(exit_, "calls", True):
-                enter = exit_ = None  # empty hook chains: the launcher then calls nothing, as Triton's would
-        poison = runtime._poison
-        for i, step in enumerate(self.steps):
-            kind = step[0]
-            if kind == "alloc":
-                size, stride, dtype, device = self.allocs[step[1]]
-                bufs[step[1]] = (runtime.empty_strided(size, stride, dtype=dtype, device=device) if poison
-                                 else torch.empty_strided(size, stride, dtype=dtype, device=device))
-            elif kind == "fill":
-                bufs[step[1]].fill_(step[2])
-            else:
-                _, fn, kernel, grid, values, options, slots = step
-                values = values.copy()
-                if compiled:
-                    for pos, where, base, offset, _ in slots:
-                        values[pos] = (inputs[base] if where == _IN else bufs[base] if where == _BUF
-                                       else base).data_ptr() + offset
-                    meta = None if enter is None else kernel.launch_metadata(grid, stream, *values)
-                    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
-                               enter, exit_, *values)
-                else:
-                    for pos, where, base, _, view in slots:
-                        values[pos] = _view(inputs[base] if where == _IN else bufs[base] if where == _BUF else base,
-                                            view)
-                    fn[grid](*values, **options)
-                for j in self.frees[i]:
-                    bufs[j] = None
-        return bufs
-
-
 class _Buffer:
     """What a recorded allocation was: where, and how to allocate it again."""
 
@@ -414,45 +322,6 @@ class _Buffer:
         self.shape, self.stride, self.dtype, self.device = tuple(t.shape), t.stride(), t.dtype, t.device
 
 
-def _view(ref: Tensor, view: tuple) -> Tensor:
-    """The recorded view (shape, strides, element offset, dtype) of ``ref``, for the interpreter."""
-    size, stride, offset, dtype = view
-    if ref.dtype != dtype:
-        ref = ref.view(dtype)
-    return ref.as_strided(size, stride, ref.storage_offset() + offset)
-
-
-_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
-
-
-def _meta(tensors: tuple[Tensor, ...]) -> list[tuple]:
-    """[addresses, shapes, strides, dtypes, devices] of ``tensors``, each a tuple (built in C)."""
-    return [tuple(map(Tensor.data_ptr, tensors)), tuple(map(_SHAPE, tensors)), tuple(map(Tensor.stride, tensors)),
-            tuple(map(_DTYPE, tensors)), tuple(map(_DEVICE, tensors))]
-
-
-def _is_slot(template: Any) -> bool:
-    return type(template) is tuple and len(template) == 4 and isinstance(template[0], int)
-
-
-def _slots(template: Any) -> list[tuple]:
-    """The tensor slots of an output template, in order."""
-    if _is_slot(template):
-        return [template]
-    if type(template) in (tuple, list):
-        return [s for t in template for s in _slots(t)]
-    return []
-
-
-def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    expected = 1
-    for n, st in zip(reversed(size), reversed(stride)):
-        if n != 1 and st != expected:
-            return False
-        expected *= n
-    return True
-
-
 @functools.cache
 def _defaults(fn) -> dict[str, Any]:
     """A Triton kernel's parameters' defaults (a compiled JITFunction's or an interpreted one's)."""
@@ -460,18 +329,6 @@ def _defaults(fn) -> dict[str, Any]:
     if params is not None:
         return {p.name: p.default for p in params}
     return {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()}
-
-
-def _rebuild(template: Any, inputs: list[Tensor], bufs: list[Tensor | None]) -> Any:
-    if _is_slot(template):
-        where, base, _, view = template
-        ref = inputs[base] if where == _IN else bufs[base]
-        if ref.shape == view[0] and ref.stride() == view[1] and view[2] == 0 and ref.dtype == view[3]:
-            return ref
-        return _view(ref, view)
-    if type(template) in (tuple, list):
-        return type(template)(_rebuild(t, inputs, bufs) for t in template)
-    return template
 
 
 class _Launches:

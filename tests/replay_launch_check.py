@@ -1,0 +1,87 @@
+"""Run by test_replay_compiled.py in a process without TRITON_INTERPRET: a small optimized ViT through the
+stand-in driver (vitfast.bench.host_driver), kernels compiled for sm_90. Its first call runs the checked
+path (the JIT launches, with tensors) and records; its second replays (the generated launcher code, with
+addresses). Both calls' launches must be the same work:
+
+* the same kernels in the same order (a launch that no replay makes, such as the reference model's
+  patch embedding, which its root stand-in launches, runs the checked path both times), the same grids, the same arguments but the pointers;
+* a parameter's and the image's pointers the same addresses;
+* the pointers into the memory a call allocated keep the layout the first call had: two pointers into
+  one buffer of the first call differ by the same bytes in the second, with the same alignment mod 16,
+  and two buffers alive at once (between the first and last launch that uses each; a forward's output
+  to the end) never overlap in the second call.
+
+Prints one line per model and exits 0, or raises AssertionError saying what differs.
+    python tests/replay_launch_check.py timm reference
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from vitfast.bench import host_driver, host_models  # noqa: E402
+
+SHAPE = host_models.Shape(width=64, depth=2, heads=2, img_size=32, patch=16)
+
+
+def _launches(drv, model, x) -> list:
+    drv.trace = []
+    with torch.inference_mode():
+        out = model(x)
+    trace, drv.trace = drv.trace, None
+    return trace, out
+
+
+def check(name: str) -> str:
+    with host_driver.active() as drv:
+        model = host_models.optimized(name, SHAPE)
+        x = host_models.images(SHAPE, 2, torch.bfloat16)
+        first, out = _launches(drv, model, x)  # keeps every tensor it launched with alive: no address reused
+        second, _ = _launches(drv, model, x)
+        fixed = {t.untyped_storage().data_ptr() for t in (x, *model.parameters(), *model.buffers())}
+        assert len(first) == len(second) > 0, (len(first), len(second))
+        buffers: dict[int, dict] = {}  # first call's storage -> its pointers and lifetime
+        replayed = 0  # pointers the second call passed as addresses (a replay's)
+        for i, ((k1, g1, a1), (k2, g2, a2)) in enumerate(zip(first, second)):
+            assert k1 is k2 and g1 == g2 and len(a1) == len(a2), (i, k1.name, k2.name, g1, g2)
+            for pos, (v1, v2) in enumerate(zip(a1, a2)):
+                where = f"launch {i} ({k1.name}) argument {pos}"
+                if not isinstance(v1, Tensor):
+                    assert type(v1) is type(v2) and v1 == v2, (where, v1, v2)
+                    continue
+                if v1.numel() == 0:
+                    assert isinstance(v2, Tensor) and v2.numel() == 0, (where, v2)
+                    continue
+                if isinstance(v2, Tensor):  # a launch the second call made on the checked path too
+                    v2 = v2.data_ptr()
+                else:
+                    replayed += 1
+                storage = v1.untyped_storage()
+                if storage.data_ptr() in fixed:
+                    assert v2 == v1.data_ptr(), (where, "a parameter or the image moved")
+                    continue
+                assert v2 % 16 == v1.data_ptr() % 16, (where, "alignment")
+                base = v2 - (v1.data_ptr() - storage.data_ptr())  # where the buffer starts in the second call
+                buf = buffers.setdefault(storage.data_ptr(), {"base": base, "bytes": storage.nbytes(), "first": i})
+                assert buf["base"] == base, (where, "a buffer's views moved apart")
+                buf["last"] = i
+        for o in (out if isinstance(out, tuple) else (out,)):
+            if isinstance(o, Tensor) and o.untyped_storage().data_ptr() in buffers:
+                buffers[o.untyped_storage().data_ptr()]["last"] = len(first)
+        spans = sorted(buffers.values(), key=lambda b: b["base"])
+        for a in spans:
+            for b in spans:
+                if a is not b and a["first"] <= b["last"] and b["first"] <= a["last"]:
+                    assert a["base"] + a["bytes"] <= b["base"] or b["base"] + b["bytes"] <= a["base"], (
+                        "two buffers alive at once overlap", a, b)
+        assert replayed, "nothing was replayed"
+        return (f"{name}: {len(first)} launches, {len(buffers)} buffers, {replayed} pointers replayed: the second "
+                "call launched the same work")
+
+
+if __name__ == "__main__":
+    for model_name in sys.argv[1:] or ["timm", "reference"]:
+        print(check(model_name))

@@ -1,0 +1,326 @@
+"""A recorded forward as a replay (``_replay.py`` records it): its buffers laid out once, its launches
+made straight from the arguments they were recorded with.
+
+Buffers. Those the forward returns are allocated on every replay, as they were recorded. The others
+never leave the forward (a LayerNorm's output, the packed q/k/v, the MLP's hidden layer): they are
+placed in one workspace, a byte buffer allocated per replay, at offsets where no two of them that are
+alive at the same step overlap (``pack``; a ViT block's workspace is the peak its recorded forward
+held). One allocation instead of one per buffer; freed, like theirs, when the replay returns (on a
+GPU the caching allocator hands the same block to the next one, on the same stream).
+
+Launches. For compiled kernels the replay is one generated function: per launch, a call of the
+kernel's launcher with its grid, its constants and the addresses of its tensors (an input's, a
+parameter's or a buffer's address plus the recorded byte offset): what ``CompiledKernel.run`` takes,
+without re-binding anything. Under Triton's interpreter the same steps run as a loop that passes the
+kernels views of the same memory, so that the layout CI checks numerically is the one a GPU runs.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import runtime
+
+_IN, _BUF, _PARAM = 0, 1, 2  # where a recorded tensor came from (``_replay.Recorder``)
+_WS, _OWN = 3, 4  # where a replayed buffer lives: the workspace, or an allocation of its own
+_ALIGN = 256  # bytes: every workspace offset (Triton specializes pointers on divisibility by 16)
+
+
+def pack(buffers: list[tuple[int, int, int]]) -> tuple[list[int], int]:
+    """Offsets for buffers given as (first step, last step, bytes), in order of first step, such that
+    two buffers whose steps overlap never share a byte; and the total size. Each goes to the lowest
+    aligned offset that is free over its whole lifetime."""
+    placed: list[tuple[int, int, int, int]] = []  # first, last, offset, end
+    offsets = []
+    for first, last, size in buffers:
+        size = -(-size // _ALIGN) * _ALIGN
+        alive = sorted((o, e) for f, l, o, e in placed if f <= last and first <= l)
+        offset = 0
+        for o, e in alive:
+            if offset + size <= o:
+                break
+            offset = max(offset, e)
+        placed.append((first, last, offset, offset + size))
+        offsets.append(offset)
+    return offsets, max((e for *_, e in placed), default=0)
+
+
+def span_bytes(shape: tuple[int, ...], stride: tuple[int, ...], element_size: int) -> int:
+    """The bytes a strided tensor of this shape covers (0 when empty)."""
+    if math.prod(shape) == 0:
+        return 0
+    return (1 + sum((n - 1) * st for n, st in zip(shape, stride))) * element_size
+
+
+class Replay:
+    """A recorded forward: its owned and workspace buffers, fills and launches, and its outputs.
+
+    Built from a ``_replay.Recorder``'s buffers and steps and the output template (slots
+    ``(where, base, byte offset, view)``)."""
+
+    def __init__(self, recorder, outputs: Any):
+        bufs, steps = recorder.buffers, recorder.steps
+        escaping = [j for where, j, _, _ in _slots(outputs) if where == _BUF]
+        live: dict[int, list[int]] = {}  # buffer -> [first step, last step] among the launches and fills
+        for i, step in enumerate(steps):
+            for j in ([step[1]] if step[0] == "fill" else
+                      [s[2] for s in step[6] if s[1] == _BUF] if step[0] == "launch" else []):
+                live.setdefault(j, [i, i])[1] = i
+        owned = list(dict.fromkeys(escaping))  # returned: allocated as they were recorded
+        launched = {s[2] for step in steps if step[0] == "launch" for s in step[6] if s[1] == _BUF}
+        inner = [j for j in sorted(live, key=lambda j: live[j][0]) if j in launched and j not in owned]
+        offsets, self.workspace = pack([(*live[j], span_bytes(bufs[j].shape, bufs[j].stride,
+                                                                 bufs[j].element_size)) for j in inner])
+        home = {j: (_OWN, k) for k, j in enumerate(owned)}
+        home.update({j: (_WS, off) for j, off in zip(inner, offsets)})
+        self.spans = {j: span_bytes(bufs[j].shape, bufs[j].stride, bufs[j].element_size) for j in inner}
+        self.allocs = [[b.shape, b.stride, b.dtype] for b in map(bufs.__getitem__, owned)]
+        device = recorder.inputs[0].device if recorder.inputs else bufs[0].device if bufs else torch.device("cpu")
+        self.device = device
+        self.device_index = device.index if device.type == "cuda" else None
+        params: dict[int, Tensor] = {}
+        self.steps: list[tuple] = []
+        for step in steps:
+            if step[0] == "fill" and step[1] in home:
+                where, at = home[step[1]]
+                self.steps.append(("fill", where, at, self.spans.get(step[1]), bufs[step[1]].dtype, step[2]))
+            elif step[0] == "launch":
+                _, fn, kernel, grid, values, options, slots = step
+                args = []
+                for pos, where, base, offset, view in slots:
+                    if where == _BUF:
+                        where, at = home[base]
+                        args.append((pos, where, at, offset, view, self.spans.get(base)))
+                    else:
+                        at = base if where == _IN else params.setdefault(id(base), (len(params), base))[0]
+                        args.append((pos, where, at, offset, view, None))
+                self.steps.append(("launch", fn, kernel, grid + (1,) * (3 - len(grid)), values, options,
+                                   tuple(args)))
+        self.params = tuple(p for _, p in params.values())
+        self.param_meta = _meta(self.params)
+        self.outputs = _placed(outputs, home, self.allocs)
+        self.counted = tuple(recorder.counted)
+        launches = [step for step in self.steps if step[0] == "launch"]
+        self.compiled = bool(launches) and all(step[2] is not None for step in launches)
+        self._runners = _generate(self) if self.compiled else None
+
+    def parameters_hold(self) -> tuple[int, ...] | None:
+        """The addresses of the parameters the launches read, when they still have the shapes, strides,
+        dtypes, devices and alignment they were recorded with (``.data`` may have been replaced)."""
+        params, (ptrs, *rest) = self.params, self.param_meta
+        now = tuple(map(Tensor.data_ptr, params))
+        if now != ptrs and any(a % 16 != b % 16 for a, b in zip(now, ptrs)):
+            return None
+        if (tuple(map(_SHAPE, params)) != rest[0] or tuple(map(Tensor.stride, params)) != rest[1]
+                or tuple(map(_DTYPE, params)) != rest[2] or tuple(map(_DEVICE, params)) != rest[3]):
+            return None
+        return now
+
+    def run(self, inputs: list[Tensor], ptrs: tuple[int, ...]) -> Any:
+        """The recorded forward on ``inputs`` (the call's distinct tensors), the parameters at ``ptrs``."""
+        counting = runtime._launch_counts is not None or runtime._launch_dtypes is not None
+        scope = torch.profiler.record_function("vitfast::replay") if torch.autograd.profiler._is_profiler_enabled \
+            else None
+        if scope is not None:
+            scope.__enter__()
+        try:
+            if self.device_index is not None and self.device_index != torch.cuda.current_device():
+                with torch.cuda.device(self.device_index):
+                    owned = self._run(inputs, ptrs)
+            else:
+                owned = self._run(inputs, ptrs)
+        finally:
+            if scope is not None:
+                scope.__exit__(None, None, None)
+        if counting:
+            for op, dtypes in self.counted:
+                runtime.record_replayed_launch(op, dtypes)
+        return _rebuild(self.outputs, inputs, owned)
+
+    def _run(self, inputs: list[Tensor], ptrs: tuple[int, ...]) -> tuple[Tensor, ...]:
+        if self._runners is not None:
+            active = _triton.driver.active
+            index = self.device_index if self.device_index is not None else active.get_current_device()
+            stream = active.get_current_stream(index)
+            hooks = _triton.knobs.runtime
+            enter, exit_ = hooks.launch_enter_hook, hooks.launch_exit_hook
+            if getattr(enter, "calls", True) or getattr(exit_, "calls", True):
+                return self._runners[1](inputs, ptrs, stream, enter, exit_)
+            return self._runners[0](inputs, ptrs, stream)  # empty hook chains: Triton's launch calls nothing
+        with runtime._interpreter_lock:
+            return self._interpret(inputs)
+
+    def _interpret(self, inputs: list[Tensor]) -> tuple[Tensor, ...]:
+        """The steps with Triton's interpreter: the kernels read and write views of the same layout."""
+        owned, ws = self._allocate()
+        for step in self.steps:
+            if step[0] == "fill":
+                _, where, at, span, dtype, value = step
+                (owned[at] if where == _OWN else ws.narrow(0, at, span).view(dtype)).fill_(value)
+                continue
+            _, fn, _, grid, values, options, args = step
+            values = values.copy()
+            for pos, where, at, _, view, span in args:
+                ref = (inputs[at] if where == _IN else self.params[at] if where == _PARAM
+                       else owned[at] if where == _OWN else ws.narrow(0, at, span))
+                values[pos] = _view(ref, view)
+            fn[grid](*values, **options)
+        return owned
+
+    def _allocate(self) -> tuple[tuple[Tensor, ...], Tensor]:
+        owned = tuple(torch.empty_strided(size, stride, dtype=dtype, device=self.device)
+                      for size, stride, dtype in self.allocs)
+        ws = torch.empty(self.workspace, dtype=torch.uint8, device=self.device)
+        if runtime._poison:
+            _poison(owned, ws)
+        return owned, ws
+
+
+def _poison(owned: tuple[Tensor, ...], ws: Tensor | None) -> None:
+    """NaN in every buffer before the kernels write it (``runtime.poison_outputs``): all-ones bytes are a
+    NaN in every floating dtype."""
+    if ws is not None:
+        ws.fill_(255)
+    for t in owned:
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+
+
+class _Triton:
+    """Triton's driver and knobs, imported on a compiled replay's first run (the interpreter needs neither)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from triton import knobs
+        from triton.runtime import driver
+
+        self.driver, self.knobs = driver, knobs
+        return getattr(self, name)
+
+
+_triton = _Triton()
+
+
+def _generate(replay: Replay) -> tuple:
+    """The compiled replay as two Python functions, without and with launch hooks: straight-line code
+    that allocates, fills and launches, each launch's constants bound by name."""
+    names: dict[str, Any] = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
+                             "_dev": replay.device, "_rt": runtime, "_poison": _poison}
+    head = (["    ws = _empty(%d, dtype=_u8, device=_dev)" % replay.workspace, "    w = ws.data_ptr()"]
+            if replay.workspace else ["    ws = None"])
+    for k, (size, stride, dtype) in enumerate(replay.allocs):
+        names[f"_dtype{k}"] = dtype
+        head.append(f"    b{k} = _empty_strided({tuple(size)}, {tuple(stride)}, dtype=_dtype{k}, device=_dev)")
+        head.append(f"    o{k} = b{k}.data_ptr()")
+    owned = "(" + "".join(f"b{k}, " for k in range(len(replay.allocs))) + ")"
+    head.append(f"    if _rt._poison:\n        _poison({owned}, ws)")
+    used = sorted({a[2] for step in replay.steps if step[0] == "launch" for a in step[6] if a[1] == _IN})
+    head += [f"    i{i} = inputs[{i}].data_ptr()" for i in used]
+    if replay.params:
+        head.append("    " + "".join(f"p{k}, " for k in range(len(replay.params))) + "= ptrs")
+    plain, hooked = [], []
+    for n, step in enumerate(replay.steps):
+        if step[0] == "fill":
+            _, where, at, span, dtype, value = step
+            names[f"_fill{n}"] = (dtype, value)
+            target = f"b{at}" if where == _OWN else f"ws.narrow(0, {at}, {span}).view(_fill{n}[0])"
+            plain.append(f"    {target}.fill_(_fill{n}[1])")
+            hooked.append(plain[-1])
+            continue
+        _, _, kernel, grid, values, _, args = step
+        exprs = []
+        for pos, value in enumerate(values):
+            names[f"_c{n}_{pos}"] = value
+            exprs.append(f"_c{n}_{pos}")
+        for pos, where, at, offset, _, _ in args:
+            exprs[pos] = (f"i{at} + {offset}" if where == _IN else f"p{at} + {offset}" if where == _PARAM
+                          else f"o{at} + {offset}" if where == _OWN else f"w + {at + offset}")
+        names.update({f"_run{n}": kernel.run, f"_fn{n}": kernel.function, f"_pm{n}": kernel.packed_metadata,
+                      f"_meta{n}": kernel.launch_metadata, f"_grid{n}": grid})
+        call_args = ", ".join(exprs)
+        start = f"    _run{n}({grid[0]}, {grid[1]}, {grid[2]}, stream, _fn{n}, _pm{n}, "
+        plain.append(start + f"None, None, None, {call_args})")
+        hooked.append(start + f"_meta{n}(_grid{n}, stream, {call_args}), enter, exit_, {call_args})")
+    source = "\n".join(["def plain(inputs, ptrs, stream):", *head, *plain, f"    return {owned}",
+                        "def hooked(inputs, ptrs, stream, enter, exit_):", *head, *hooked, f"    return {owned}"])
+    exec(compile(source, f"<vitfast replay of {len(replay.steps)} steps>", "exec"), names)
+    return names["plain"], names["hooked"]
+
+
+def _view(ref: Tensor, view: tuple) -> Tensor:
+    """The recorded view (shape, strides, element offset, dtype) of ``ref``, for the interpreter."""
+    size, stride, offset, dtype = view
+    if ref.dtype != dtype:
+        ref = ref.view(dtype)
+    return ref.as_strided(size, stride, ref.storage_offset() + offset)
+
+
+_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
+
+
+def _meta(tensors: tuple[Tensor, ...]) -> list[tuple]:
+    """[addresses, shapes, strides, dtypes, devices] of ``tensors``, each a tuple (built in C)."""
+    return [tuple(map(Tensor.data_ptr, tensors)), tuple(map(_SHAPE, tensors)), tuple(map(Tensor.stride, tensors)),
+            tuple(map(_DTYPE, tensors)), tuple(map(_DEVICE, tensors))]
+
+
+def is_slot(template: Any) -> bool:
+    return type(template) is tuple and len(template) == 4 and isinstance(template[0], int)
+
+
+def _slots(template: Any) -> list[tuple]:
+    """The tensor slots of an output template, in order."""
+    if is_slot(template):
+        return [template]
+    if type(template) in (tuple, list):
+        return [s for t in template for s in _slots(t)]
+    return []
+
+
+def _placed(template: Any, home: dict[int, tuple[int, int]], allocs: list[list], claimed: set | None = None) -> Any:
+    """The output template with buffers renamed to their owned allocation, and a slot's view None where
+    the allocation is the tensor returned (its shape and strides made the returned ones, for the first
+    output a buffer has when that output covers it whole)."""
+    claimed = set() if claimed is None else claimed
+    if is_slot(template):
+        where, base, _, view = template
+        if where == _BUF:
+            where, base = home[base]
+            alloc = allocs[base]
+            size, stride, offset, dtype = view
+            if base not in claimed and offset == 0 and dtype == alloc[2] and math.prod(size) == math.prod(
+                    alloc[0]) and _contiguous(size, stride) and _contiguous(alloc[0], alloc[1]):
+                claimed.add(base)
+                alloc[0], alloc[1] = size, stride  # allocated as returned: no view to make
+                return (where, base, None, None)
+            claimed.add(base)  # its shape is fixed now: later outputs of the buffer are views
+        return (where, base, None, view)
+    if type(template) in (tuple, list):
+        return type(template)(_placed(t, home, allocs, claimed) for t in template)
+    return template
+
+
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for n, st in zip(reversed(size), reversed(stride)):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _rebuild(template: Any, inputs: list[Tensor], owned: tuple[Tensor, ...]) -> Any:
+    if is_slot(template):
+        where, base, _, view = template
+        if where == _OWN:
+            return owned[base] if view is None else _view(owned[base], view)
+        ref = inputs[base]
+        if ref.shape == view[0] and ref.stride() == view[1] and view[2] == 0 and ref.dtype == view[3]:
+            return ref
+        return _view(ref, view)
+    if type(template) in (tuple, list):
+        return type(template)(_rebuild(t, inputs, owned) for t in template)
+    return template
