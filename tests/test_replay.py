@@ -168,6 +168,26 @@ def test_a_new_input_signature_records_again(kind, replays):
     assert len(replays) == settled + (8 if kind in ("batch", "dtype") else 11)
 
 
+def test_a_layer_whose_dropout_is_switched_on_after_replays_declines_again(replays):
+    """A layer in eval with a dropout put back in training runs PyTorch's own forward (its fast path drops
+    nothing there); the settled call's memo of the layer's dropouts goes with its plan."""
+    require_triton_path()
+    from vitfast.modules.encoder import FastTransformerEncoderLayer
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True).to(DEVICE).eval()
+    fast = FastTransformerEncoderLayer.from_torch(copy.deepcopy(layer))
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    with torch.no_grad():
+        fast(x), fast(x)
+        assert len(replays) == 1
+        for m in (layer, fast):
+            m.dropout.p = 0.5
+            m.dropout.train()
+        torch.testing.assert_close(fast(x), layer(x), rtol=0, atol=0)
+        assert len(replays) == 1
+
+
 def test_autograd_takes_the_checked_path(replays):
     model, fast, x = _settled_pair()
     settled = len(replays)

@@ -163,6 +163,7 @@ class Plan:
         self.own: tuple = ()
         self.complete = set(children) >= set(module._modules)
         self.replays: dict = {}
+        self.memo: dict = {}  # what the stand-in derives from the state the plan compares (``_vitfast_memo``)
 
     def _snapshot(self, module: nn.Module) -> tuple:
         """What the plan compares (see ``__init__``). Containers empty at first are skipped: what a
@@ -233,6 +234,18 @@ class Fused:
     def _vitfast_declines(self, *args, **kwargs) -> bool:
         """True when the call asks for what the fused path does not compute (runs the original quietly)."""
         return False
+
+    def _vitfast_memo(self, name: str, compute: Callable[[], object]) -> object:
+        """``compute()``, kept while the module's plan holds: for what follows from the module state the
+        plan compares alone (a layer's dropout settings), which a forward would otherwise derive per call.
+        Call it where the plan has just been checked (``_vitfast_declines``, the fused forward)."""
+        plan = self.__dict__.get("_vitfast_plan")
+        if plan is None or torch.compiler.is_compiling():  # compiling: the plan is not checked
+            return compute()
+        memo = plan.memo
+        if name not in memo:
+            memo[name] = compute()
+        return memo[name]
 
     def _vitfast_switches(self) -> tuple:
         """The global settings the fused forward reads beyond those every op reads (``_replay._key``):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+from itertools import chain
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ class Replay:
                 self.steps.append(("launch", fn, kernel, grid + (1,) * (3 - len(grid)), values, options,
                                    tuple(args)))
         self.params = tuple(p for _, p in params.values())
-        self.param_meta = _meta(self.params)
+        self.param_ptrs, self.param_meta = tuple(map(Tensor.data_ptr, self.params)), _meta(self.params)
         self.outputs = _placed(outputs, home, self.allocs)
         self.counted = tuple(recorder.counted)
         launches = [step for step in self.steps if step[0] == "launch"]
@@ -111,14 +112,11 @@ class Replay:
     def parameters_hold(self) -> tuple[int, ...] | None:
         """The addresses of the parameters the launches read, when they still have the shapes, strides,
         dtypes, devices and alignment they were recorded with (``.data`` may have been replaced)."""
-        params, (ptrs, *rest) = self.params, self.param_meta
+        params, ptrs = self.params, self.param_ptrs
         now = tuple(map(Tensor.data_ptr, params))
         if now != ptrs and any(a % 16 != b % 16 for a, b in zip(now, ptrs)):
             return None
-        if (tuple(map(_SHAPE, params)) != rest[0] or tuple(map(Tensor.stride, params)) != rest[1]
-                or tuple(map(_DTYPE, params)) != rest[2] or tuple(map(_DEVICE, params)) != rest[3]):
-            return None
-        return now
+        return now if _meta(params) == self.param_meta else None
 
     def run(self, inputs: list[Tensor], ptrs: tuple[int, ...]) -> Any:
         """The recorded forward on ``inputs`` (the call's distinct tensors), the parameters at ``ptrs``."""
@@ -261,10 +259,10 @@ def _view(ref: Tensor, view: tuple) -> Tensor:
 _SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
 
 
-def _meta(tensors: tuple[Tensor, ...]) -> list[tuple]:
-    """[addresses, shapes, strides, dtypes, devices] of ``tensors``, each a tuple (built in C)."""
-    return [tuple(map(Tensor.data_ptr, tensors)), tuple(map(_SHAPE, tensors)), tuple(map(Tensor.stride, tensors)),
-            tuple(map(_DTYPE, tensors)), tuple(map(_DEVICE, tensors))]
+def _meta(tensors: tuple[Tensor, ...]) -> tuple:
+    """The shapes, strides, dtypes and devices of ``tensors``, in one tuple (built in C)."""
+    return tuple(chain(map(_SHAPE, tensors), map(Tensor.stride, tensors), map(_DTYPE, tensors),
+                       map(_DEVICE, tensors)))
 
 
 def is_slot(template: Any) -> bool:

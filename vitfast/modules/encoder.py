@@ -100,7 +100,7 @@ class FastTransformerEncoderLayer(Fused, nn.TransformerEncoderLayer):
         # PyTorch's own code: nested tensors, its error for a causal hint without a mask, and a layer in
         # eval with a dropout switched back to train (its fast path then drops nothing, its other path does).
         return (src.is_nested or (is_causal and src_mask is None)
-                or (not self.training and layer_drops(self) != NONE))
+                or (not self.training and self._vitfast_memo("drops", lambda: layer_drops(self)) != NONE))
 
     def _fused_forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                        is_causal: bool = False) -> Tensor:
