@@ -4,9 +4,12 @@ made straight from the arguments they were recorded with.
 Buffers. Those the forward returns are allocated on every replay, as they were recorded. The others
 never leave the forward (a LayerNorm's output, the packed q/k/v, the MLP's hidden layer): they are
 placed in one workspace, a byte buffer allocated per replay, at offsets where no two of them that are
-alive at the same step overlap (``pack``; a ViT block's workspace is the peak its recorded forward
-held). One allocation instead of one per buffer; freed, like theirs, when the replay returns (on a
-GPU the caching allocator hands the same block to the next one, on the same stream).
+alive at the same step overlap (``pack``). One allocation instead of one per buffer, freed when the
+replay returns (on a GPU the caching allocator hands the same block to the next replay, on the same
+stream). The price is memory held for the whole replay: a ViT block's workspace is the peak of its
+inner buffers (6 activations: the residual stream, the second LayerNorm's output and the MLP's hidden
+layer), and with its output allocated from the start the block holds 7 where its recorded forward
+held at most 6.
 
 Launches. For compiled kernels the replay is one generated function: per launch, a call of the
 kernel's launcher with its grid, its constants and the addresses of its tensors (an input's, a
