@@ -17,6 +17,12 @@ batch it reports:
   ``cpu_arithmetic_us_per_forward`` with its operators are kept), and ``host_us_per_launch``, that over
   the launches; ``host_cpu_us_per_forward``: the same from the thread's CPU time, which a busy machine's
   preemptions do not inflate (compare the two, and the load average recorded, before trusting either);
+* ``settled_block_us``: the median host time of one call of the first transformer block alone, on the
+  input it gets in the forward (``host_measure.call_us``): the part of a forward that repeats ``depth``
+  times, with no PyTorch arithmetic to subtract around it, so the same at every batch when it is;
+* ``processes``: those figures from each of ``--processes`` fresh processes (default 3), one after another;
+  a row is the process whose host / eager ratio is the median (this shared machine's processes differ by
+  up to 30% at the same code, where the medians within one process vary by a few percent);
 * ``eager_host_us_per_forward``: PyTorch eager's host time for the same op graph, timed in the same rounds
   as each batch's forwards (``host_measure``: slow spells of this shared machine then move both, and
   ``host_over_eager`` holds): the same model class at the same depth and heads, width = heads, one patch
@@ -30,8 +36,9 @@ batch it reports:
 And, per kernel variant the forwards compiled, its static facts from the cubin (``cuobjdump``):
 registers, spill stack, shared memory, config, wgmma and TMA. Every process runs the kernels' config
 rules, as a GPU's first call does (``VITFAST_TUNING_FILE`` names a file that does not exist, so no tuning
-file of this machine's user is read), without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse as CUDA's caching allocator does
-(``host_measure.cache_freed_memory``: otherwise each activation above 32 MiB costs an mmap and a munmap).
+file of this machine's user is read), without ``TRITON_INTERPRET``, and keeps freed CPU memory for reuse
+as CUDA's caching allocator does (``host_measure.cache_freed_memory``: otherwise each activation above
+32 MiB costs an mmap and a munmap).
 """
 from __future__ import annotations
 
@@ -97,7 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     shape = host_models.Shape()
     for name in ("width", "depth", "heads", "img_size", "patch"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(shape, name))
+    p.add_argument("--processes", type=int, default=3,
+                   help="steady-state measurements, each in a fresh process; a row is the process whose host / "
+                        "eager ratio is the median (on a shared machine processes differ by up to 30%%)")
     p.add_argument("--child", nargs=3, metavar=("MODEL", "BATCH", "CACHE_DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--steady-child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -130,18 +141,43 @@ def first_call_child(args: argparse.Namespace) -> dict:
                 "compiles": _cache_entries(cache_dir) - entries, "benchmark_calls": drv.benchmark_calls}
 
 
+def _child_json(args: argparse.Namespace, what: list[str], env_extra: dict[str, str], why: str) -> dict:
+    """Run this script in a fresh process (``what``: its mode's arguments) and read the JSON it prints last."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
+    argv = [sys.executable, str(Path(__file__).resolve()), *what, "--dtype", args.dtype,
+            *(f"--{n}={getattr(args, n.replace('-', '_'))}" for n in ("width", "depth", "heads", "img-size", "patch"))]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{why} failed:\n{done.stdout}{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _run_child(args: argparse.Namespace, model: str, batch: int, home: Path) -> dict:
     """One fresh process whose Triton cache and cache home are ``home``'s (empty on the first call)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(home / "triton"), XDG_CACHE_HOME=str(home / "xdg"),
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", model, str(batch), str(home / "triton"),
-            "--dtype", args.dtype, *(f"--{n}={getattr(args, n.replace('-', '_'))}"
-                                     for n in ("width", "depth", "heads", "img-size", "patch"))]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode:
-        raise RuntimeError(f"first-call process for {model} at batch {batch} failed:\n{done.stdout}{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _child_json(args, ["--child", model, str(batch), str(home / "triton")],
+                       {"TRITON_CACHE_DIR": str(home / "triton"), "XDG_CACHE_HOME": str(home / "xdg")},
+                       f"first-call process for {model} at batch {batch}")
+
+
+def steady_in_processes(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """``steady`` in ``--processes`` fresh processes, one after another: per model and batch the row of the
+    process whose host / eager ratio is the median, with every process's figures under ``processes``."""
+    if args.processes == 1 or args.cprofile:
+        return steady(args)
+    what = ["--steady-child", "--models", ",".join(args.models), "--batches", ",".join(map(str, args.batches)),
+            "--repeats", str(args.repeats), "--eager-repeats", str(args.eager_repeats)]
+    runs = [_child_json(args, what, {}, f"steady-state process {i + 1}") for i in range(args.processes)]
+    rows = []
+    for i in range(len(runs[0]["rows"])):
+        each = [run["rows"][i] for run in runs]
+        row = dict(sorted(each, key=lambda r: r["host_over_eager"])[len(each) // 2])
+        row["processes"] = {k: [r[k] for r in each] for k in (
+            "host_us_per_forward", "eager_host_us_per_forward", "host_over_eager", "host_cpu_over_eager_cpu",
+            "settled_block_us")}
+        rows.append(row)
+    return rows, runs[0]["kernels"]
 
 
 def first_calls(args: argparse.Namespace, batches: list[int]) -> dict[tuple[str, int], dict]:
@@ -175,7 +211,8 @@ def steady(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             for batch in args.batches:
                 row = host_measure.steady_state(model, host_models.images(shape, batch, dtype), drv, args.repeats,
                                                 baseline=lambda: twin(tx), baseline_repeats=args.eager_repeats)
-                row.update(model=model_name, batch=batch)
+                row.update(model=model_name, batch=batch, settled_block_us=host_measure.call_us(
+                    model, host_models.images(shape, batch, dtype), host_models.first_block(model_name, model)))
                 rows.append(row)
                 print(f"{model_name} batch {batch}: {row['launches_per_forward']} launches, "
                       f"{row['host_us_per_forward']:.0f} µs host per forward, eager "
@@ -263,12 +300,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_tables(rows: list[dict], facts: list[dict]) -> None:
     print("\n| model | batch | launches | host µs / forward | µs / launch | eager µs | host / eager | "
-          "host CPU µs | eager CPU µs | CPU / CPU | arithmetic µs | first call cold s | warm s | compiles |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "each process | block µs | host CPU µs | eager CPU µs | CPU / CPU | arithmetic µs | first call cold s | "
+          "warm s | compiles |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: |")
     for r in rows:
+        each = " ".join(f"{v:.2f}" for v in r.get("processes", {}).get("host_over_eager", [])) or "-"
         print(f"| {r['model']} | {r['batch']} | {r['launches_per_forward']} | {r['host_us_per_forward']:,.0f} | "
               f"{_fmt(r['host_us_per_launch'], '.1f')} | {r['eager_host_us_per_forward']:,.0f} | "
-              f"{r['host_over_eager']:.2f} | {r['host_cpu_us_per_forward']:,.0f} | "
+              f"{r['host_over_eager']:.2f} | {each} | {r['settled_block_us']:.1f} | "
+              f"{r['host_cpu_us_per_forward']:,.0f} | "
               f"{r['eager_host_cpu_us_per_forward']:,.0f} | {r['host_cpu_over_eager_cpu']:.2f} | "
               f"{r['cpu_arithmetic_us_per_forward']:,.0f} | {_fmt(r.get('first_call_s_cold'), '.1f')} | "
               f"{_fmt(r.get('first_call_s_warm'), '.2f')} | {r.get('first_call_compiles', '-')} |")
@@ -290,7 +331,8 @@ def _settings(args: argparse.Namespace, shape: host_models.Shape, cached: bool) 
     """What the figures were taken under, for the JSON."""
     return {
         "shape": dataclasses.asdict(shape) | {"tokens": shape.tokens}, "dtype": args.dtype, "repeats": args.repeats,
-        "eager_repeats": args.eager_repeats, "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
+        "eager_repeats": args.eager_repeats, "steady_state_processes": 1 if args.cprofile else args.processes,
+        "grad_mode": "torch.inference_mode", "intra_op_threads": 1,
         "configs": "the kernels' rules (no tuning file)", "target": "sm_90 (stand-in driver, H100 properties)",
         "cpu_allocator": ("glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), as "
                           "CUDA's caching allocator does" if cached else "the C library's default"),
@@ -308,17 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(first_call_child(args)))
         return 0
-    if args.repeats < 1 or args.eager_repeats < 1:
-        raise SystemExit("--repeats and --eager-repeats: expected positive integers")
+    if args.repeats < 1 or args.eager_repeats < 1 or args.processes < 1:
+        raise SystemExit("--repeats, --eager-repeats and --processes: expected positive integers")
     if not args.batches:
         raise SystemExit("--batches: expected at least one batch size")
     torch.set_num_threads(1)
     cached = host_measure.cache_freed_memory()
+    if args.steady_child:
+        rows, facts = steady(args)
+        print(json.dumps({"rows": rows, "kernels": facts}))
+        return 0
     shape = _shape(args)
     load_start = os.getloadavg()  # 1, 5 and 15 minutes: how busy this shared machine was around the run
     # First calls first, in fresh processes, while this one does nothing.
     first = first_calls(args, args.batches if args.first_call_batches is None else args.first_call_batches)
-    rows, facts = steady(args)
+    rows, facts = steady_in_processes(args)
     for row in rows:
         row.update(first.get((row["model"], row["batch"]), {}))
     record = {**_machine(), "load_average_start": load_start, "load_average_end": os.getloadavg(),

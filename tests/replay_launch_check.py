@@ -4,7 +4,8 @@ path (the JIT launches, with tensors) and records; its second replays (the gener
 addresses). Both calls' launches must be the same work:
 
 * the same kernels in the same order (a launch that no replay makes, such as the reference model's
-  patch embedding, which its root stand-in launches, runs the checked path both times), the same grids, the same arguments but the pointers;
+  patch embedding, which its root stand-in launches, runs the checked path both times), the same grids,
+  the same arguments but the pointers;
 * a parameter's and the image's pointers the same addresses;
 * the pointers into the memory a call allocated keep the layout the first call had: two pointers into
   one buffer of the first call differ by the same bytes in the second, with the same alignment mod 16,

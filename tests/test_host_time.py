@@ -28,15 +28,19 @@ def test_host_time_small_reference_vit(tmp_path):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "reference", "--batches", "1", "--depth", str(DEPTH),
          "--width", "64", "--heads", "2", "--img-size", "32", "--repeats", "5", "--eager-repeats", "20",
-         "--json", str(out)],
+         "--processes", "2", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads(out.read_text())
     (row,) = record["rows"]
     assert row["model"] == "reference" and row["batch"] == 1
     assert row["launches_per_forward"] == EXPECTED_LAUNCHES
+    each = row["processes"]  # two steady-state processes; the row is one of them
+    assert len(each["host_over_eager"]) == 2 and row["host_over_eager"] in each["host_over_eager"]
+    assert record["steady_state_processes"] == 2
     assert sum(row["launches_by_kernel"].values()) == EXPECTED_LAUNCHES
     for key in ("host_us_per_forward", "host_us_per_launch", "wall_us_per_forward", "host_cpu_us_per_forward",
+                "settled_block_us",
                 "eager_host_us_per_forward", "first_call_s_cold", "first_call_s_warm"):
         assert row[key] > 0, key
     # The head's GEMM is PyTorch's, computed for real on the CPU: found, and taken out of the host time.

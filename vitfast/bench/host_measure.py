@@ -133,6 +133,27 @@ def arithmetic_replays(fn: Callable[[], object]) -> list[tuple[str, Callable[[],
     return replays
 
 
+def call_us(model: nn.Module, x: torch.Tensor, module: nn.Module, calls: int = 400) -> float:
+    """The median wall time, in µs, of one call of ``module`` (a submodule of ``model``) alone, on the
+    arguments it got in a forward ``model(x)``: host time with no PyTorch arithmetic around it, which
+    a whole forward's figure has to subtract (noisy where that arithmetic is large)."""
+    seen: list = []
+    handle = module.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    args, kwargs = seen[0]
+    clock = _Clock()
+    with torch.inference_mode():
+        for _ in range(WARMUP):
+            module(*args, **kwargs)
+        for _ in range(calls):
+            clock.time(lambda: module(*args, **kwargs))
+    return clock.medians_us()[0]
+
+
 def steady_state(model: nn.Module, x: torch.Tensor, drv: StandInDriver, repeats: int,
                  baseline: Callable[[], object] | None = None, baseline_repeats: int = 0) -> dict:
     """Launches and host time of ``model(x)`` once compiled (the caller has made ``drv`` active), and the

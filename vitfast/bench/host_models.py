@@ -77,6 +77,11 @@ def optimized(model: str, shape: Shape, dtype: torch.dtype = torch.bfloat16) -> 
     return optimize(build(model, shape).to(dtype))
 
 
+def first_block(model_name: str, model: nn.Module) -> nn.Module:
+    """The model's first transformer block: timm's ``blocks[0]``, the reference's ``encoder.layers[0]``."""
+    return model.blocks[0] if model_name == "timm" else model.encoder.layers[0]
+
+
 def images(shape: Shape, batch: int, dtype: torch.dtype) -> torch.Tensor:
     """A random image batch [batch, 3, img_size, img_size] on the CPU."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
