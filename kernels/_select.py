@@ -63,6 +63,9 @@ class Session:
 _kernels: list[Kernel] = []  # every kernel whose choices ``reset`` forgets
 _files: dict[str, _File] = {}  # by GPU name: its tuned-picks file as loaded
 _session: Session | None = None
+# Bumped whenever the configs chosen may change (a tuning session closed, ``reset``): a settled call's
+# key holds it, so that what it recorded before is not replayed with the old configs (modules/_replay.py).
+generation = 0
 
 
 def kernel(name: str, fn: Any, rule: Callable[[int | str, tuple], triton.Config],
@@ -141,10 +144,11 @@ def open_session(timer: Timer) -> Session:
 def close_session(session: Session) -> None:
     """End ``session`` and save what it measured into each device's tuned-picks file
     (``session.written``)."""
-    global _session
+    global _session, generation
     if _session is not session:
         raise RuntimeError("close_session: this session is not the open one")
     _session = None
+    generation += 1
     by_device: dict[int, dict[str, _tuned.KernelPicks]] = {}
     for (k, device, key), found in session.measured.items():
         picks = by_device.setdefault(device, {}).setdefault(k.name, _tuned.KernelPicks(_tuned.source_hash(k.fn), {}))
@@ -160,6 +164,8 @@ def close_session(session: Session) -> None:
 def reset() -> None:
     """Forget every choice, loaded file and warning: the next launch of each key chooses again and
     reads the tuned-picks file anew (for tests, and a process that changed VITFAST_TUNING_FILE)."""
+    global generation
+    generation += 1
     for k in _kernels:
         k.chosen.clear()
     _files.clear()

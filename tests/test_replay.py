@@ -214,7 +214,27 @@ def test_the_call_key_holds_everything_a_launch_depends_on():
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         assert _replay._key((x, [1]), {}, ()) is None  # containers: the checked path
+        assert _replay._key((x.to_sparse(),), {}, ()) is None  # layouts other than strided: the checked path
+        assert _replay._key((torch.nested.nested_tensor([x[0], x[1, :3]]),), {}, ()) is None
+        with torch.autocast("cpu"):
+            assert _replay._key((x,), {}, ()) is None
     assert _replay._key((x,), {}, ()) is None  # gradients on
+
+
+def test_the_call_key_changes_when_configs_or_the_driver_may_have(monkeypatch):
+    """Configs chosen again (a tuning session closed, ``reset``) and the stand-in driver turned on or off
+    change what the checked path launches: a settled call recorded before is not replayed."""
+    require_triton_path()
+    from vitfast.kernels import _select
+
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        key = _replay._key((x,), {}, ())
+        _select.reset()
+        assert _replay._key((x,), {}, ()) != key
+        key = _replay._key((x,), {}, ())
+        monkeypatch.setattr(runtime, "_stand_in_driver", not runtime._stand_in_driver)
+        assert _replay._key((x,), {}, ()) != key
 
 
 def test_replays_keep_no_tensor_of_the_recorded_call_alive():

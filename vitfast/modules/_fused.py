@@ -254,12 +254,14 @@ class Fused:
 
     def forward(self, *args, **kwargs):
         """Every concrete stand-in's forward, under the original forward's signature (``_signed_as``)."""
-        plan = self.__dict__.get("_vitfast_plan")
-        # A settled call: its checks in one place, cheapest first. torch.compile traces the checked path.
-        if plan is not None and plan.replays and not torch.compiler.is_compiling():
-            out = _replay.replayed(self, plan, args, kwargs)
-            if out is not _replay.NOT_SETTLED:
-                return out
+        # A settled call: its checks in one place, cheapest first. torch.compile traces the checked path
+        # (asked first, so that dynamo guards on none of the plan's replays).
+        if not torch.compiler.is_compiling():
+            plan = self.__dict__.get("_vitfast_plan")
+            if plan is not None and plan.replays:
+                out = _replay.replayed(self, plan, args, kwargs)
+                if out is not _replay.NOT_SETTLED:
+                    return out
         proxy = first_proxy((*args, *kwargs.values()))
         if proxy is not None:
             return self._vitfast_trace(proxy.tracer, args, kwargs)

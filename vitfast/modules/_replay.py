@@ -75,12 +75,13 @@ _any_autocast = getattr(_C, "_is_any_autocast_enabled", None) or (
 def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
     """The call's signature, or None when it cannot be replayed (see the module docstring).
     ``switches``: the global settings the stand-in's own forward reads (``Fused._vitfast_switches``)."""
-    if (_C.is_grad_enabled() or runtime._force_fallback or _precompile.active() or _tuning()
+    configs = _configs_generation()
+    if (_C.is_grad_enabled() or runtime._force_fallback or _precompile.active() or configs is None
             or _C._get_tracing_state() is not None or torch.compiler.is_compiling()
             or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack()
             or _C._functorch.maybe_current_level() is not None or _any_autocast()):
         return None
-    parts: list = [_C.is_inference_mode_enabled(), _tf32(), switches]
+    parts: list = [_C.is_inference_mode_enabled(), _tf32(), runtime._stand_in_driver, configs, switches]
     tensors: list[Tensor] = []
     for name, value in (*enumerate(args), *kwargs.items()):
         if type(value) is Tensor:
@@ -99,10 +100,15 @@ def _key(args: tuple, kwargs: dict, switches: tuple) -> tuple | None:
     return tuple(parts)
 
 
-def _tuning() -> bool:
-    """Whether a tuning session times candidates (kernels/_select.py, imported with Triton only)."""
+def _configs_generation() -> int | None:
+    """None while a tuning session times candidates (its launches are not a forward's); otherwise how
+    often the kernels' config choices may have changed in this process (``_select.generation``:
+    a tuning session closed, a reset), so that a settled call recorded before replays no old config.
+    kernels/_select.py is imported with Triton only."""
     select = sys.modules.get("vitfast.kernels._select")
-    return select is not None and select.measuring()
+    if select is None:
+        return 0
+    return None if select.measuring() else select.generation
 
 
 def _inputs(args: tuple, kwargs: dict) -> list[Tensor]:
