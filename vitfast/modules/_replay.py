@@ -135,9 +135,10 @@ def replayed(module: torch.nn.Module, plan, args: tuple, kwargs: dict) -> Any:
 
 
 def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """On the checked path (the plan holds; the stand-in fuses this call): the output of ``module``'s
-    fused forward through its replay, recording one first if this call signature has none;
-    ``NOT_SETTLED`` when the call runs the fused forward itself."""
+    """On the checked path (the plan holds; the stand-in fuses this call, which ``replayed`` did not
+    replay): the output of ``module``'s fused forward, recorded for replay where this call signature has
+    no recording yet or its parameters changed since; ``NOT_SETTLED`` when the call runs the fused
+    forward itself."""
     if getattr(_active, "busy", False):
         return NOT_SETTLED
     plan = module.__dict__.get("_vitfast_plan")
@@ -147,13 +148,8 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     if key is None:
         return NOT_SETTLED
     replays = plan.replays
-    replay = replays.get(key, plan)  # the plan itself stands for "not recorded yet"
-    if replay is None:
+    if key in replays and replays[key] is None:  # a signature that does not replay
         return NOT_SETTLED
-    if replay is not plan:
-        ptrs = replay.parameters_hold()
-        if ptrs is not None:
-            return replay.run(_inputs(args, kwargs), ptrs)
     inputs = _inputs(args, kwargs)
     if not inputs or not runtime.use_triton(inputs[0]):  # the ops run PyTorch: nothing to replay
         replays[key] = None

@@ -70,18 +70,21 @@ class Replay:
         bufs, steps = recorder.buffers, recorder.steps
         escaping = [j for where, j, _, _ in _slots(outputs) if where == _BUF]
         live: dict[int, list[int]] = {}  # buffer -> [first step, last step] among the launches and fills
+        launched: set[int] = set()  # the buffers a launch reads or writes
         for i, step in enumerate(steps):
-            for j in ([step[1]] if step[0] == "fill" else
-                      [s[2] for s in step[6] if s[1] == _BUF] if step[0] == "launch" else []):
+            if step[0] == "launch":
+                touched = [s[2] for s in step[6] if s[1] == _BUF]
+                launched.update(touched)
+            else:  # an allocation takes no step of its own; a fill does
+                touched = [step[1]] if step[0] == "fill" else []
+            for j in touched:
                 live.setdefault(j, [i, i])[1] = i
         owned = list(dict.fromkeys(escaping))  # returned: allocated as they were recorded
-        launched = {s[2] for step in steps if step[0] == "launch" for s in step[6] if s[1] == _BUF}
         inner = [j for j in sorted(live, key=lambda j: live[j][0]) if j in launched and j not in owned]
-        offsets, self.workspace = pack([(*live[j], span_bytes(bufs[j].shape, bufs[j].stride,
-                                                                 bufs[j].element_size)) for j in inner])
+        self.spans = {j: span_bytes(bufs[j].shape, bufs[j].stride, bufs[j].element_size) for j in inner}
+        offsets, self.workspace = pack([(*live[j], self.spans[j]) for j in inner])
         home = {j: (_OWN, k) for k, j in enumerate(owned)}
         home.update({j: (_WS, off) for j, off in zip(inner, offsets)})
-        self.spans = {j: span_bytes(bufs[j].shape, bufs[j].stride, bufs[j].element_size) for j in inner}
         self.allocs = [[b.shape, b.stride, b.dtype] for b in map(bufs.__getitem__, owned)]
         device = recorder.inputs[0].device if recorder.inputs else bufs[0].device if bufs else torch.device("cpu")
         self.device = device
@@ -144,14 +147,14 @@ class Replay:
 
     def _run(self, inputs: list[Tensor], ptrs: tuple[int, ...]) -> tuple[Tensor, ...]:
         if self._runners is not None:
-            active = _triton.driver.active
+            plain, hooked, driver, knobs = self._runners
+            active, hooks = driver.active, knobs.runtime
             index = self.device_index if self.device_index is not None else active.get_current_device()
             stream = active.get_current_stream(index)
-            hooks = _triton.knobs.runtime
             enter, exit_ = hooks.launch_enter_hook, hooks.launch_exit_hook
             if getattr(enter, "calls", True) or getattr(exit_, "calls", True):
-                return self._runners[1](inputs, ptrs, stream, enter, exit_)
-            return self._runners[0](inputs, ptrs, stream)  # empty hook chains: Triton's launch calls nothing
+                return hooked(inputs, ptrs, stream, enter, exit_)
+            return plain(inputs, ptrs, stream)  # empty hook chains: Triton's launch calls nothing
         with runtime._interpreter_lock:
             return self._interpret(inputs)
 
@@ -191,23 +194,13 @@ def _poison(owned: tuple[Tensor, ...], ws: Tensor | None) -> None:
             t.fill_(float("nan"))
 
 
-class _Triton:
-    """Triton's driver and knobs, imported on a compiled replay's first run (the interpreter needs neither)."""
-
-    def __getattr__(self, name: str) -> Any:
-        from triton import knobs
-        from triton.runtime import driver
-
-        self.driver, self.knobs = driver, knobs
-        return getattr(self, name)
-
-
-_triton = _Triton()
-
-
 def _generate(replay: Replay) -> tuple:
     """The compiled replay as two Python functions, without and with launch hooks: straight-line code
-    that allocates, fills and launches, each launch's constants bound by name."""
+    that allocates, fills and launches, each launch's constants bound by name; and Triton's driver
+    config and knobs, which give a launch its stream and hooks."""
+    from triton import knobs
+    from triton.runtime import driver
+
     names: dict[str, Any] = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
                              "_dev": replay.device, "_rt": runtime, "_poison": _poison}
     head = (["    ws = _empty(%d, dtype=_u8, device=_dev)" % replay.workspace, "    w = ws.data_ptr()"]
@@ -248,7 +241,7 @@ def _generate(replay: Replay) -> tuple:
     source = "\n".join(["def plain(inputs, ptrs, stream):", *head, *plain, f"    return {owned}",
                         "def hooked(inputs, ptrs, stream, enter, exit_):", *head, *hooked, f"    return {owned}"])
     exec(compile(source, f"<vitfast replay of {len(replay.steps)} steps>", "exec"), names)
-    return names["plain"], names["hooked"]
+    return names["plain"], names["hooked"], driver, knobs
 
 
 def _view(ref: Tensor, view: tuple) -> Tensor:
