@@ -16,8 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_time.py"
 DEPTH = 1
 # The reference ViT's launches per forward: the patch embedding (CLS and positions fused), then per
 # post-norm layer the QKV GEMM, attention, the out-projection with its residual, LayerNorm, fc1 + GELU,
-# fc2 with its residual, LayerNorm. The head is PyTorch's nn.Linear, no Triton kernel.
-EXPECTED_LAUNCHES = 1 + 7 * DEPTH
+# fc2 with its residual, LayerNorm; and the head's GEMM.
+EXPECTED_LAUNCHES = 1 + 7 * DEPTH + 1
 KERNELS = {"_patch_embed_kernel", "_linear_kernel", "_attention_fwd_kernel", "_layer_norm_fwd_kernel"}
 
 
@@ -43,9 +43,9 @@ def test_host_time_small_reference_vit(tmp_path):
                 "settled_block_us",
                 "eager_host_us_per_forward", "first_call_s_cold", "first_call_s_warm"):
         assert row[key] > 0, key
-    # The head's GEMM is PyTorch's, computed for real on the CPU: found, and taken out of the host time.
+    # Nothing of PyTorch's computes on the CPU (the head is vitfast's GEMM): the host time is all the wall time.
     ops = row["cpu_arithmetic_ops"]
-    assert sum(ops.get(op, {}).get("calls", 0) for op in ("aten::linear", "aten::addmm")) == 1, ops
+    assert sum(ops.get(op, {}).get("calls", 0) for op in ("aten::linear", "aten::addmm")) == 0, ops
     arithmetic = row["cpu_arithmetic_us_per_forward"]
     assert row["host_us_per_forward"] == pytest.approx(row["wall_us_per_forward"] - arithmetic)
     assert row["first_call_compiles"] > 0 and row["first_call_compiles"] == row["first_call_variants"]

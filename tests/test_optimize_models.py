@@ -74,7 +74,8 @@ MODELS = {
     "timm-clip-quickgelu": (_timm("vit_base_patch16_clip_quickgelu_224"), None, ()),
     "timm-siglip": (_timm("vit_base_patch16_siglip_224"), None, ()),
     "timm-dinov2": (_timm("vit_small_patch14_dinov2"), None, ()),
-    "timm-dinov2-reg4": (_timm("vit_small_patch14_reg4_dinov2"), None, ()),
+    # The model's embedding stage with its register tokens stays timm's (the model itself is left alone).
+    "timm-dinov2-reg4": (_timm("vit_small_patch14_reg4_dinov2"), None, ("",)),
     "timm-deit-distilled": (_timm("deit_base_distilled_patch16_224"), None, ()),
     "hf-vit": (_hf("ViTModel", "ViTConfig"), "last_hidden_state", ()),
     "hf-clip-vision": (_hf("CLIPVisionModel", "CLIPVisionConfig"), "last_hidden_state", ()),

@@ -4,9 +4,10 @@ Recognised by exact class, wherever they sit in the model (one file per ecosyste
 
 * PyTorch (``pytorch.py``): ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``, ``nn.LayerNorm``
   over one dimension, a self-attention ``nn.MultiheadAttention`` (unless a stand-in above it runs it),
-  and ``vitfast.reference``'s ``VisionTransformer`` and ``PatchEmbedding``;
-* timm (``timm.py``, ``timm_eva.py``, ``timm_pool.py``): ``PatchEmbed``, the ViT ``Block`` (``Mlp``,
-  ``SwiGLU`` or ``GluMlp``), ``LayerNorm``, EVA's ``EvaBlock`` with its rotary embedding, and
+  and ``vitfast.reference``'s ``VisionTransformer`` (its ``nn.Linear`` head too) and ``PatchEmbedding``;
+* timm (``timm.py``, ``timm_vit.py``, ``timm_eva.py``, ``timm_pool.py``): ``PatchEmbed``, the ViT ``Block``
+  (``Mlp``, ``SwiGLU`` or ``GluMlp``), ``LayerNorm``, the ``VisionTransformer`` itself (its embedding
+  stage in one launch, its ``nn.Linear`` head), EVA's ``EvaBlock`` with its rotary embedding, and
   ``AttentionPoolLatent`` (the MAP head);
 * torchvision (``torchvision.py``): the ViT's ``conv_proj`` and ``EncoderBlock``;
 * open_clip (``open_clip.py``): the ViT's ``conv1``, ``ResidualAttentionBlock``, ``LayerNorm`` and
@@ -29,13 +30,13 @@ from torch import nn
 
 from ..modules import _fused
 from ..modules._fused import Fused
-from . import huggingface, open_clip, pytorch, timm, timm_eva, timm_pool, torchvision
+from . import huggingface, open_clip, pytorch, timm, timm_eva, timm_pool, timm_vit, torchvision
 from .report import Entry, Report, add_left_alone
 from .rules import Rule
 
 __all__ = ["Entry", "Report", "optimize"]
 
-RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *timm_eva.RULES, *timm_pool.RULES, *torchvision.RULES,
+RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *timm_vit.RULES, *timm_eva.RULES, *timm_pool.RULES, *torchvision.RULES,
                      *huggingface.RULES, *open_clip.RULES]
 
 

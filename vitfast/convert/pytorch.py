@@ -7,6 +7,7 @@ from .. import reference
 from ..modules.encoder import FastTransformerEncoder, FastTransformerEncoderLayer, unsupported_reason
 from ..modules._fused import original_class
 from ..modules.layer_norm import FusedLayerNorm, LayerNorm
+from ..modules.linear import Linear
 from ..modules.multihead_attention import MultiheadAttention
 from ..modules.multihead_attention import unsupported_reason as mha_unsupported_reason
 from ..modules.patch_embed import PatchEmbedding
@@ -31,9 +32,16 @@ def is_layer_norm(m: nn.Module, *classes: Location) -> bool:
     none are named) or vitfast's stand-in for one."""
     return location(original_class(m)) in (classes or (location(nn.LayerNorm),)) and layer_norm_reason(m) is None
 
+def head_rule(model: Location) -> Rule:
+    """An ``nn.Linear`` classification head (a ViT's ``head``) on vitfast's GEMM, so that a settled call
+    of the whole model replays it too (``modules/_replay.py``)."""
+    return Rule((location(nn.Linear),), lambda m: None, Linear, parent=(model, "head"))
+
+
 RULES = [
     Rule((location(reference.VisionTransformer),), FastVisionTransformer._vitfast_unsupported, FastVisionTransformer),
     Rule((location(reference.PatchEmbedding),), PatchEmbedding._vitfast_unsupported, PatchEmbedding),
+    head_rule(location(reference.VisionTransformer)),
     Rule((location(nn.TransformerEncoder),), lambda m: None, FastTransformerEncoder),
     Rule((location(nn.TransformerEncoderLayer),), _encoder_layer_reason, FastTransformerEncoderLayer),
     Rule((location(nn.LayerNorm),), layer_norm_reason, LayerNorm),

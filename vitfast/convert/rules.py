@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..modules._fused import stand_in
+from ..modules._fused import original_class, stand_in
 
 Location = tuple[str, str]  # (module, qualname) where a class is defined
 
@@ -40,7 +40,8 @@ class Rule:
     def matches(self, module: nn.Module, parent: nn.Module | None, name: str) -> bool:
         if location(type(module)) not in self.classes:
             return False
-        return self.parent is None or (parent is not None and location(type(parent)) == self.parent[0]
+        # The parent's class as it was: a parent converted before its children is a stand-in by now.
+        return self.parent is None or (parent is not None and location(original_class(parent)) == self.parent[0]
                                        and name == self.parent[1])
 
     def swap(self, module: nn.Module) -> nn.Module:

@@ -187,12 +187,17 @@ class FusedTimmPatchEmbed(Fused):
         return patch_embed_reason(self)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
-        p, size = self.proj.kernel_size[0], self.img_size
-        if x.dim() != 4 or x.shape[1] != self.proj.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of images cut into whole {p}x{p} patches")
-        if self.strict_img_size and size is not None and tuple(x.shape[-2:]) != tuple(size):
-            raise Unfusable(f"images of size {tuple(x.shape[-2:])}, not {tuple(size)}")
-        return patch_embed(fusable_images(x, self.proj.weight), self.proj.weight, self.proj.bias)
+        return patch_embed(patch_images(self, x), self.proj.weight, self.proj.bias)
+
+
+def patch_images(pe: nn.Module, x: Tensor) -> Tensor:
+    """``x`` when timm's ``PatchEmbed`` ``pe`` would cut it into patches and the kernel can, else ``Unfusable``."""
+    p, size = pe.proj.kernel_size[0], pe.img_size
+    if x.dim() != 4 or x.shape[1] != pe.proj.in_channels or x.shape[2] % p or x.shape[3] % p:
+        raise Unfusable(f"input of shape {tuple(x.shape)} is not a batch of images cut into whole {p}x{p} patches")
+    if pe.strict_img_size and size is not None and tuple(x.shape[-2:]) != tuple(size):
+        raise Unfusable(f"images of size {tuple(x.shape[-2:])}, not {tuple(size)}")
+    return fusable_images(x, pe.proj.weight)
 
 
 RULES = [

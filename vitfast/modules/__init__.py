@@ -3,12 +3,13 @@ modules they replace. The stand-ins for timm, torchvision, Hugging Face and open
 ``vitfast.optimize`` (``vitfast/convert/``), as subclasses of the classes they replace."""
 from .encoder import FastTransformerEncoder, FastTransformerEncoderLayer
 from .layer_norm import LayerNorm
+from .linear import Linear
 from .mlp import Mlp
 from .multihead_attention import MultiheadAttention
 from .patch_embed import PatchConv2d, PatchEmbedding, PatchEmbeddingStage
 from .vit import FastVisionTransformer
 
 __all__ = [
-    "FastTransformerEncoder", "FastTransformerEncoderLayer", "FastVisionTransformer", "LayerNorm", "Mlp",
+    "FastTransformerEncoder", "FastTransformerEncoderLayer", "FastVisionTransformer", "LayerNorm", "Linear", "Mlp",
     "MultiheadAttention", "PatchConv2d", "PatchEmbedding", "PatchEmbeddingStage",
 ]

@@ -23,74 +23,19 @@ from __future__ import annotations
 
 import functools
 import importlib
-import operator
 import types
-from itertools import chain, repeat
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
 from .. import runtime
 from ..ops._trace import first_proxy
 from . import _replay
+from ._plan import Plan, bypass_reason
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-_FORWARD = operator.attrgetter("forward")
-_CONTAINERS = operator.itemgetter("_parameters", "_buffers", "_modules")
-_HOOK_DICTS = operator.itemgetter(*_HOOKS)
 _mixins: dict[str, type] = {}
 _made: dict[str, type] = {}
-
-
-def _no_hooks(state: dict, honours: Callable[[Callable], bool]) -> bool:
-    """No hook, but those ``honours`` accepts, on the module whose ``__dict__`` is ``state``."""
-    for name in _HOOKS:
-        hooks = state.get(name)
-        if hooks and not all(honours(h) for h in hooks.values()):
-            return False
-    return True
-
-
-def _global_hooks() -> bool:
-    return any(getattr(_torch_module, name) for name in _GLOBAL_HOOKS)
-
-
-def _honours_none(hook: Callable) -> bool:
-    return False
-
-
-def _patched_forward(cls: type) -> bool:
-    """Whether the ``forward`` that ``cls`` runs was put on it by someone else (a monkeypatch): a
-    library's own forward is named ``<one of cls's classes>.forward`` and defined in that class's module."""
-    if issubclass(cls, Fused) or torch.compiler.is_compiling():  # dynamo misreads a function's names
-        return False
-    forward = cls.forward
-    name, module = getattr(forward, "__qualname__", None), getattr(forward, "__module__", None)
-    return not any(c.__qualname__ + ".forward" == name and c.__module__ == module for c in cls.__mro__)
-
-
-def bypass_reason(module: nn.Module, children: tuple[str, ...],
-                  honours: Callable[[Callable], bool] = _honours_none) -> str | None:
-    """Why a fused path may not skip the ``children`` of ``module`` (and all below them), or None:
-    hooks on them (but those ``honours`` accepts), or a ``forward`` replaced on an instance or a class."""
-    if children and _global_hooks():
-        return "global module hooks are registered"
-    stack = [(name, module._modules.get(name)) for name in children]
-    while stack:
-        path, m = stack.pop()
-        if m is None:
-            continue
-        state = m.__dict__
-        if "forward" in state or _patched_forward(type(m)):
-            return f"{path}.forward is replaced"
-        if not _no_hooks(state, honours):
-            return f"hooks are registered on {path}"
-        stack.extend((f"{path}.{k}", c) for k, c in state["_modules"].items())
-    return None
 
 
 # Methods of an original class that its forward does not reach.
@@ -111,86 +56,6 @@ def override_reason(cls: type) -> str | None:
         if redefined:
             return f"{c.__name__} redefines {original.__name__}.{redefined[0]}, which the fused path does not call"
     return None
-
-
-def _same_objects(now, then: tuple) -> bool:
-    """The same objects, in the same order (identity: a tensor's ``==`` compares its elements)."""
-    return len(now) == len(then) and all(map(operator.is_, now, then))
-
-
-# Attributes every module has that no forward reads: the state-dict and load hooks, the bookkeeping
-# of buffers and hooks. A plan compares every other attribute (the forward hook dicts among them).
-_INERT = frozenset(("_non_persistent_buffers_set", "_is_full_backward_hook", "_forward_hooks_with_kwargs",
-                    "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
-                    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))
-
-
-class Plan:
-    """A stand-in and its bypassed submodules as they were when the stand-in last checked them in
-    full: every object, its class and forward, its children, parameters and buffers, and the
-    attribute values of the stand-in and of every module below it (a dropout's p, an eps, an
-    activation's kind). While all of that holds and no hook is registered, the fused path stays
-    valid without re-running the checks; any change (an attribute set, added or deleted, a
-    submodule, parameter or buffer replaced) re-runs them once. A plan that covers all of the
-    stand-in's children (``complete``) also holds its settled calls (``_replay.py``), dropped with it."""
-
-    def __init__(self, module: nn.Module, children: tuple[str, ...]):
-        modules, stack = [], [module._modules.get(name) for name in children]
-        while stack:
-            m = stack.pop()
-            if m is not None:
-                modules.append(m)
-                stack.extend(m._modules.values())
-        self.children = children
-        self.modules = tuple(modules)
-        # What the fused path depends on, flattened so that holds() builds and compares it in C: the class
-        # and class forward of every module below the stand-in, how many attributes each has, the
-        # stand-in's children, the identities of the parameters, buffers and children of each module and
-        # of the stand-in itself (the containers as they are at each check: one may be replaced), and the
-        # value of every attribute of the modules below but the inert ones (by key: a getter per module;
-        # the counts show a key added).
-        self.states = tuple(m.__dict__ for m in modules)
-        self.getters = tuple(operator.itemgetter(*[k for k in state if k not in _INERT] or ["training"])
-                             for state in self.states)
-        held = [(state, name) for state in (module.__dict__, *self.states)
-                for name in ("_parameters", "_buffers", "_modules") if state[name]]
-        self.held_states, self.held_names = tuple(s for s, _ in held), tuple(n for _, n in held)
-        # The objects themselves, so that no identity the snapshot holds is reused.
-        self.tensors = tuple(chain.from_iterable(map(dict.values, map(dict.__getitem__, self.held_states,
-                                                                       self.held_names))))
-        self.snapshot = self._snapshot(module)
-        self.hooks = tuple(chain.from_iterable(map(_HOOK_DICTS, self.states)))  # filled in place by register_*
-        self.own: tuple = ()
-        self.complete = set(children) >= set(module._modules)
-        self.replays: dict = {}
-        self.memo: dict = {}  # what the stand-in derives from the state the plan compares (``_vitfast_memo``)
-
-    def _snapshot(self, module: nn.Module) -> tuple:
-        """What the plan compares (see ``__init__``). Containers empty at first are skipped: what a
-        forward reads is there from the start (a None bias included), and attributes show a new container."""
-        types = tuple(map(type, self.modules))
-        containers = map(dict.__getitem__, self.held_states, self.held_names)
-        return tuple(chain(types, map(_FORWARD, types), map(len, self.states), map(module._modules.get, self.children),
-                           map(id, chain.from_iterable(map(dict.values, containers))),
-                           map(operator.call, self.getters, self.states)))
-
-    def seal(self, module: nn.Module) -> None:
-        """Take the stand-in's own attributes, once the plan itself is one of them."""
-        self.own = tuple(module.__dict__.values())
-
-    def holds(self, module: nn.Module) -> bool:
-        if self.children and any(map(getattr, repeat(_torch_module), _GLOBAL_HOOKS)):
-            return False
-        if not _same_objects(module.__dict__.values(), self.own):
-            return False
-        try:
-            # Tuples compare item by item, identical objects at once. An attribute replaced by an equal
-            # value (a float, an equal dict) computes the same; a tensor's == raises: changed.
-            if self._snapshot(module) != self.snapshot:
-                return False
-        except (RuntimeError, TypeError, ValueError, KeyError):  # KeyError: an attribute deleted
-            return False
-        return not any(self.hooks) or all(_no_hooks(m.__dict__, module._vitfast_honours) for m in self.modules)
 
 
 class Unfusable(Exception):
@@ -298,6 +163,7 @@ class Fused:
 
     def _vitfast_fallback(self, *args, **kwargs):
         """The original class's forward on this module (PyTorch's, timm's, Hugging Face's own code)."""
+        _replay.left_fused()
         return self._vitfast_original.forward(self, *args, **kwargs)
 
     def _vitfast_trace(self, tracer, args: tuple, kwargs: dict):

@@ -26,6 +26,14 @@ Every replay checks, first thing in the stand-in's forward (``replayed``): the c
 stand-in fuses this call, and the shape, strides, dtype, device and alignment of each parameter a
 launch reads (``.data`` may have been replaced). Any of them failing sends the call down the checked
 path, which re-plans, and records again where the key is new.
+
+A stand-in whose fused forward calls children as modules (timm's ``VisionTransformer`` calls its blocks,
+the reference ViT its encoder, the encoder its layers) records too, as one unit: what the stand-ins it
+calls launch is part of its recording, and its replay makes a whole model's launches from one call.
+It does so only while nothing below it has a hook and every module its forward reaches is a stand-in
+running its own forward or a passive torch module (``_plan.unit``), and its replays also check the plan
+of all below (``Plan.below``) and the global settings the stand-ins below read. A stand-in below that
+runs its original forward while the unit records spoils the recording (``left_fused``).
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import runtime
 from ..kernels import _precompile
 from ..ops import _dispatch
+from ._plan import renew_below, unit
 from ._replay_steps import _BUF, _IN, _PARAM, Replay
 
 NOT_SETTLED = object()  # ``settled``'s answer when the call runs the checked path
@@ -111,6 +120,20 @@ def _configs_generation() -> int | None:
     return None if select.measuring() else select.generation
 
 
+def _switches(module: torch.nn.Module, plan) -> tuple:
+    """The global settings the stand-in's fused forward reads, and those of the stand-ins a unit calls."""
+    own = module._vitfast_switches()
+    return own + plan.switches() if plan.switchers else own
+
+
+def left_fused() -> None:
+    """A stand-in runs its original forward: a recording on this thread (a unit calling it) is spoiled,
+    since what that forward does depends on more than the recorder sees."""
+    recorder = _launches.recorder
+    if recorder is not None and recorder.thread == threading.get_ident():
+        recorder.spoil("a stand-in it calls ran its original forward")
+
+
 def _inputs(args: tuple, kwargs: dict) -> list[Tensor]:
     """The call's distinct tensors, in ``_key``'s order."""
     out: list[Tensor] = []
@@ -125,10 +148,10 @@ def replayed(module: torch.nn.Module, plan, args: tuple, kwargs: dict) -> Any:
     the call's key, the plan (``_fused.Plan.holds``), the stand-in's will to fuse this call and the
     parameters' metadata; ``NOT_SETTLED`` otherwise (the stand-in then runs its checked path, which may
     record). The common case of every stand-in's forward, so its checks come cheapest first."""
-    key = _key(args, kwargs, module._vitfast_switches())
+    key = _key(args, kwargs, _switches(module, plan))
     replay = plan.replays.get(key) if key is not None else None
     if (replay is None or getattr(_active, "busy", False) or not plan.holds(module)
-            or module._vitfast_declines(*args, **kwargs)):
+            or module._vitfast_declines(*args, **kwargs) or not (plan.complete or plan.below.quiet(module))):
         return NOT_SETTLED
     ptrs = replay.parameters_hold()
     return NOT_SETTLED if ptrs is None else replay.run(_inputs(args, kwargs), ptrs)
@@ -142,9 +165,9 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     if getattr(_active, "busy", False):
         return NOT_SETTLED
     plan = module.__dict__.get("_vitfast_plan")
-    if plan is None or not plan.complete:
+    if plan is None or isinstance(plan.below, str):
         return NOT_SETTLED
-    key = _key(args, kwargs, module._vitfast_switches())
+    key = _key(args, kwargs, _switches(module, plan))
     if key is None:
         return NOT_SETTLED
     replays = plan.replays
@@ -154,6 +177,10 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     if not inputs or not runtime.use_triton(inputs[0]):  # the ops run PyTorch: nothing to replay
         replays[key] = None
         return NOT_SETTLED
+    if not plan.complete:  # a unit: the children it calls are replayed too, so their plan must hold
+        if not unit(module, plan):
+            return NOT_SETTLED
+        key = _key(args, kwargs, _switches(module, plan))  # their switches, as the plan has them now
     if not _recording.acquire(blocking=False):
         return NOT_SETTLED
     try:
@@ -163,6 +190,8 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         out, replays[key] = Recorder(module, inputs).record(args, kwargs)
     finally:
         _recording.release()
+    if not plan.complete:
+        renew_below(module, plan, plan.below.children)
     return out
 
 
@@ -228,6 +257,8 @@ class Recorder:
         packet = func.overloadpacket
         if packet in _VIEWS:
             return
+        if packet is _aten.dropout and out is args[0]:
+            return  # in eval or with p = 0 dropout hands back its input
         if packet in _VIEWS_OR_COPIES and isinstance(out, Tensor) and isinstance(args[0], Tensor) and (
                 out.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()):
             return

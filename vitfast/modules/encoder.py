@@ -168,6 +168,9 @@ class FastTransformerEncoder(Fused, nn.TransformerEncoder):
     def _vitfast_declines(self, src: Tensor, *args, **kwargs) -> bool:
         return src.is_nested  # PyTorch's own code takes nested tensors
 
+    def _vitfast_switches(self) -> tuple:
+        return (torch.backends.mha.get_fastpath_enabled(),)  # _pytorch_takes_nested_path's
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._to_fast()

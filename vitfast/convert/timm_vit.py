@@ -1,0 +1,66 @@
+"""timm's ``VisionTransformer`` itself: its embedding stage (patch projection, class token, position
+embedding) in one launch, then its own modules, so that a settled call of the whole model replays as
+one (``modules/_replay.py``); and its ``nn.Linear`` head on vitfast's GEMM."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..modules._fused import Fused, Unfusable, original_class
+from ..ops.patch_embed import patch_embed
+from .pytorch import head_rule
+from .rules import Rule, location
+from .timm import PATCH_EMBED, patch_embed_reason, patch_images
+
+VISION_TRANSFORMER = ("timm.models.vision_transformer", "VisionTransformer")
+# Methods of the model the fused forward stands for or calls; one set on the instance runs timm's forward.
+_METHODS = ("forward_features", "_pos_embed", "forward_head", "pool")
+
+
+def vit_reason(vit: nn.Module) -> str | None:
+    """Why the embedding stage of a timm ``VisionTransformer`` cannot run as one launch: it must be a
+    ``PatchEmbed`` the kernel computes, then a class token (or none) and an absolute position embedding
+    (or none), no register tokens, at the grid the model was built for."""
+    pe = vit._modules.get("patch_embed")
+    if pe is None or location(original_class(pe)) != PATCH_EMBED:
+        return f"patch_embed is a {type(pe).__name__}, not timm's PatchEmbed"
+    reason = patch_embed_reason(pe)
+    if reason is not None:
+        return reason
+    if getattr(vit, "reg_token", None) is not None or getattr(vit, "dynamic_img_size", False):
+        return "register tokens or a dynamic image size are not fused"
+    cls = vit.cls_token
+    if vit.num_prefix_tokens != (cls is not None) or (cls is not None and tuple(cls.shape) != (1, 1, pe.proj.out_channels)):
+        return "the prefix tokens are not one class token of the model's width"
+    redefined = [name for name in _METHODS if name in vit.__dict__]
+    if redefined:
+        return f"{redefined[0]} is replaced on the instance"
+    return None
+
+
+class FusedTimmVisionTransformer(Fused):
+    """timm ``VisionTransformer`` whose forward embeds in one launch (``patch_embed`` with the class
+    token and the position table) and calls everything after the embedding as timm does: the
+    position dropout, ``patch_drop``, ``norm_pre``, the blocks, ``norm`` and ``forward_head``."""
+
+    _vitfast_bypasses = ("patch_embed",)
+
+    def _vitfast_unsupported(self) -> str | None:
+        return vit_reason(self)
+
+    def _vitfast_declines(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> bool:
+        # Masks go block by block through timm's loop; checkpointing is timm's own.
+        return attn_mask is not None or bool(is_causal) or bool(getattr(self, "grad_checkpointing", False))
+
+    def _fused_forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        pe, cls, pos = self.patch_embed, self.cls_token, self.pos_embed
+        images = patch_images(pe, x)
+        p = pe.proj.kernel_size[0]
+        patches = (images.shape[2] // p) * (images.shape[3] // p)
+        if pos is not None and pos.shape[-2] != patches + (cls is not None and not getattr(self, "no_embed_class", False)):
+            raise Unfusable(f"a position embedding of {pos.shape[-2]} rows for {patches} patches")
+        tokens = patch_embed(images, pe.proj.weight, pe.proj.bias, cls_token=cls, pos_embed=pos)
+        tokens = self.norm_pre(self.patch_drop(self.pos_drop(tokens)))
+        return self.forward_head(self.norm(self.blocks(tokens)))
+
+
+RULES = [Rule((VISION_TRANSFORMER,), vit_reason, FusedTimmVisionTransformer), head_rule(VISION_TRANSFORMER)]
