@@ -252,12 +252,13 @@ def _view(ref: Tensor, view: tuple) -> Tensor:
     return ref.as_strided(size, stride, ref.storage_offset() + offset)
 
 
-_SHAPE, _DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
+_DTYPE, _DEVICE = (operator.attrgetter(name) for name in ("dtype", "device"))
 
 
 def _meta(tensors: tuple[Tensor, ...]) -> tuple:
     """The shapes, strides, dtypes and devices of ``tensors``, in one tuple (built in C)."""
-    return tuple(chain(map(_SHAPE, tensors), map(Tensor.stride, tensors), map(_DTYPE, tensors),
+    # size() rather than the shape property: the same torch.Size, at two thirds of the cost.
+    return tuple(chain(map(Tensor.size, tensors), map(Tensor.stride, tensors), map(_DTYPE, tensors),
                        map(_DEVICE, tensors)))
 
 
