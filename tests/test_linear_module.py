@@ -57,3 +57,13 @@ def test_linear_bad_input_raises_pytorchs_error():
         with pytest.warns(RuntimeWarning, match="running Linear's own forward"), \
                 pytest.raises(RuntimeError, match=str(original.value)[:20]):
             fast(x)
+
+
+def test_linear_float64_under_autocast_raises_pytorchs_error():
+    fast = Linear(16, 4).to(DEVICE)
+    x = torch.randn(3, 16, device=DEVICE, dtype=torch.float64)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as original:
+            nn.Linear.forward(fast, x)
+        with pytest.raises(RuntimeError, match=str(original.value)[:20]):
+            fast(x)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import vitfast
+from vitfast.modules import _replay
 from helpers import DEVICE, require_triton_path
 from test_optimize import _logits
 from test_replay import _check, _images, _pair, replays  # noqa: F401 (a fixture: the replays run, in order)
@@ -120,7 +121,7 @@ def test_a_module_a_replay_would_skip_keeps_the_model_checked(replays):
         for _ in range(3):
             _logits(fast, x)
     assert fast.norm_pre.calls == 3
-    assert fast._vitfast_plan.below == "norm_pre is a _Counting, whose forward a replay would skip"
+    assert fast._vitfast_plan.unit_reason == "norm_pre is a _Counting, whose forward a replay would skip"
     assert replays and not _root_replays(fast)
     _check(model, fast, x)
 
@@ -137,7 +138,7 @@ def test_a_stand_in_with_a_forward_of_its_own_keeps_the_model_checked(replays):
     fast.norm.__class__ = Counted
     with torch.no_grad():
         _logits(fast, x), _logits(fast, x)
-    assert len(calls) == 2 and "norm is a Counted with a forward of its own" == fast._vitfast_plan.below
+    assert len(calls) == 2 and "norm is a Counted with a forward of its own" == fast._vitfast_plan.unit_reason
     _check(model, fast, x)
 
 
@@ -221,3 +222,78 @@ def test_timm_models_with_register_tokens_keep_their_embedding():
     skipped = {e.path: e.result for e in fast.vitfast_report.skipped}
     assert skipped[""].startswith("register tokens"), skipped
     assert type(fast.blocks[0]).__name__ == "Block" and hasattr(fast.blocks[0], "_vitfast_original")
+
+
+def test_a_unit_that_did_not_replay_looks_below_again(monkeypatch, replays):
+    """A module of the user's put in a model's blocks, then taken out again: the model replays again (it
+    compares what is below it every few calls that found no replay)."""
+    monkeypatch.setattr(_replay, "_LOOK_AGAIN", 2)
+    model, fast, x, _ = _settled("timm")
+    block = fast.blocks[1]
+    fast.blocks[1] = _Counting()
+    with torch.no_grad():
+        for _ in range(3):
+            _logits(fast, x)
+    assert fast._vitfast_plan.unit_reason.startswith("blocks.1 is a _Counting")
+    fast.blocks[1] = block
+    with torch.no_grad():
+        for _ in range(4):
+            _logits(fast, x)
+    assert fast._vitfast_plan.unit_reason is None and replays[-1] in _root_replays(fast)
+    _check(model, fast, x)
+
+
+def test_timm_methods_replaced_on_the_class_run_timms_forward(monkeypatch, replays):
+    """The fused forward stands for _pos_embed and forward_features and calls forward_head: replaced on
+    the class, before conversion or after the model settled, timm's forward runs (quietly)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model, fast, x, _ = _settled("timm")
+    for name in ("_pos_embed", "forward_head"):
+        original = getattr(VisionTransformer, name)
+        monkeypatch.setattr(VisionTransformer, name, lambda self, t, *a, _f=original, **k: _f(self, t, *a, **k) * 0.5)
+        n = len(replays)
+        _check(model, fast, x)
+        assert all(r not in _root_replays(fast) for r in replays[n:])
+        monkeypatch.setattr(VisionTransformer, name, original)
+    model, fast = _pair("timm")
+    monkeypatch.setattr(VisionTransformer, "forward_features", lambda self, t, *a, **k: torch.zeros(
+        t.shape[0], 17, 64, device=t.device, dtype=t.dtype))
+    assert fast._vitfast_unsupported() == "a method of VisionTransformer is replaced"
+    _check(model, fast, x)
+
+
+def test_timm_without_a_position_table_drops_nothing_at_positions():
+    """timm applies pos_drop only after adding positions: without a table, none (in training too)."""
+    from test_optimize import timm_vit, _randomize
+
+    require_triton_path()
+    model = _randomize(timm_vit(pos_embed="none", pos_drop_rate=0.9)).to(DEVICE).train()
+    fast = vitfast.optimize(copy.deepcopy(model))
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(fast, x), _logits(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_timm_hooks_on_the_patch_embedding_run_timms_forward_quietly(replays):
+    model, fast, x, _ = _settled("timm")
+    calls = []
+    handle = fast.patch_embed.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(model, fast, x)
+    assert len(calls) == 1 and not replays
+    handle.remove()
+    with torch.no_grad():
+        _logits(fast, x)
+    assert replays[-1] in _root_replays(fast)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_timm_model_traces_with_torch_jit_before_its_first_call():
+    """The conversion check reads no tensor, so the tracer's check run sees the graph its first run saw."""
+    model, fast = _pair("timm")
+    x = _images()
+    with torch.no_grad():
+        traced = torch.jit.trace(fast, x)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-4)

@@ -58,6 +58,21 @@ def override_reason(cls: type) -> str | None:
     return None
 
 
+def honours_any(self, hook: Callable) -> bool:
+    """A stand-in's ``_vitfast_honours`` when it declines, per call, while its bypassed children have
+    hooks (``bypassed_hooks``): its original forward, which calls them, runs quietly."""
+    return True
+
+
+def bypassed_hooks(module: nn.Module) -> bool:
+    """Whether any module below the children ``module``'s fused path bypasses has a hook (or a forward
+    replaced on it)."""
+    plan = module.__dict__.get("_vitfast_plan")
+    if plan is not None and plan.children == module._vitfast_bypasses:
+        return any(plan.hooks)  # the plan holds (checked just before): its hook dicts are theirs
+    return bypass_reason(module, module._vitfast_bypasses) is not None
+
+
 class Unfusable(Exception):
     """Raised by a fused forward, before it launches anything, for inputs only the original takes."""
 
@@ -141,7 +156,7 @@ class Fused:
             except Unfusable as e:
                 reason = str(e)
         name = type(self).__name__
-        runtime.warn_once(f"stand-in:{name}:{reason}",
+        runtime.warn_once(f"stand-in:{type(self).__qualname__}:{reason}",
                           f"vitfast {name}: {reason}; running {self._vitfast_original.__name__}'s own forward")
         return self._vitfast_fallback(*args, **kwargs)
 

@@ -101,6 +101,11 @@ class Plan:
             if m is not None:
                 modules.append(m)
                 stack.extend(m._modules.values())
+        # Every stand-in below holds its own plan's key from now on, so that its first call, which stores
+        # its plan, adds no attribute (the plan compares their number).
+        for m in modules:
+            if _is_stand_in(type(m)):
+                m.__dict__.setdefault("_vitfast_plan", None)
         self.children = children
         self.modules = tuple(modules)
         # What the fused path depends on, flattened so that holds() builds and compares it in C: the class
@@ -125,10 +130,14 @@ class Plan:
         self.complete = set(children) >= set(module._modules)
         self.replays: dict = {}
         self.memo: dict = {}  # what the stand-in derives from the state the plan compares (``_vitfast_memo``)
-        # For the settled calls of an incomplete plan: the plan of the children the fused forward calls as
-        # modules, built when it records (``unit``); a str says why such calls are not replayed.
-        self.below: Plan | str | None = None
-        self.switchers: tuple = ()  # the global settings the stand-ins below read (``Fused._vitfast_switches``)
+        # For the settled calls of an incomplete plan (``unit``): the plan of the children the fused forward
+        # calls as modules, why the modules below cannot be replayed past (None: they can), the global
+        # settings the stand-ins below read (``Fused._vitfast_switches``), and the checked calls that
+        # found no replay to record (``_replay.settled`` looks below again now and then).
+        self.below: Plan | None = None
+        self.unit_reason: str | None = None
+        self.switchers: tuple = ()
+        self.misses = 0
 
     def _snapshot(self, module: nn.Module) -> tuple:
         """What the plan compares (see ``__init__``). Containers empty at first are skipped: what a
@@ -215,31 +224,19 @@ def unit_reason(module: nn.Module, children: tuple[str, ...]) -> str | None:
 
 def unit(module: nn.Module, plan: Plan) -> bool:
     """Whether ``module``'s settled calls may be recorded now, its plan incomplete (its fused forward
-    calls some children as modules): ``plan.below``, the plan of those children, holds, with no hook
-    on any module below them. Built, or built again when what it compares changed (the replays
-    recorded under the old state are dropped); a configuration ``unit_reason`` rejects is kept as the
-    reason, and not looked at again while ``plan`` holds."""
+    calls some children as modules): ``plan.below``, the plan of those children, holds, with no hook on
+    any module below them, and ``unit_reason`` finds nothing there that a replay would skip. Built, or
+    built again when what it compares changed (the replays recorded under the old state are dropped)."""
     below = plan.below
-    if isinstance(below, str):
-        return False
     if below is not None:
         if any(below.hooks) or _global_hooks():
             return False  # checked again on a later call: hooks come and go
         if below.quiet(module):
-            return True
+            return plan.unit_reason is None
     plan.replays.clear()
     rest = tuple(name for name in module._modules if name not in plan.children)
-    reason = unit_reason(module, rest)
-    if reason is not None:
-        plan.below = reason
-        return False
-    return renew_below(module, plan, rest).quiet(module)
-
-
-def renew_below(module: nn.Module, plan: Plan, children: tuple[str, ...]) -> Plan:
-    """``plan.below`` built anew over ``children``: after a recording too, whose first calls of the
-    stand-ins below gave them their own plans (an attribute each: the plan compares their number)."""
-    below = plan.below = Plan(module, children)
+    plan.unit_reason = unit_reason(module, rest)
+    below = plan.below = Plan(module, rest)
     plan.switchers = tuple(m._vitfast_switches for m in below.modules if _is_stand_in(type(m))
                            and type(m)._vitfast_switches.__qualname__ != "Fused._vitfast_switches")
-    return below
+    return below.quiet(module) and plan.unit_reason is None

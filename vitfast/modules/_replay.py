@@ -50,11 +50,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import runtime
 from ..kernels import _precompile
 from ..ops import _dispatch
-from ._plan import renew_below, unit
+from ._plan import unit
 from ._replay_steps import _BUF, _IN, _PARAM, Replay
 
 NOT_SETTLED = object()  # ``settled``'s answer when the call runs the checked path
 _MAX_KEYS = 8  # replays kept per plan (input signatures a module meets: batch sizes, resolutions)
+_LOOK_AGAIN = 64  # a unit that does not replay compares what is below it once per this many calls
 _SCALARS = (type(None), bool, int, float, str, torch.dtype)
 
 _aten = torch.ops.aten
@@ -165,19 +166,22 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     if getattr(_active, "busy", False):
         return NOT_SETTLED
     plan = module.__dict__.get("_vitfast_plan")
-    if plan is None or isinstance(plan.below, str):
+    if plan is None:
+        return NOT_SETTLED
+    is_unit = not plan.complete
+    if is_unit and plan.unit_reason is not None and not _looks_again(module, plan):
         return NOT_SETTLED
     key = _key(args, kwargs, _switches(module, plan))
     if key is None:
         return NOT_SETTLED
     replays = plan.replays
-    if key in replays and replays[key] is None:  # a signature that does not replay
-        return NOT_SETTLED
+    if key in replays and replays[key] is None and not (is_unit and _looks_again(module, plan)):
+        return NOT_SETTLED  # a signature that does not replay
     inputs = _inputs(args, kwargs)
     if not inputs or not runtime.use_triton(inputs[0]):  # the ops run PyTorch: nothing to replay
         replays[key] = None
         return NOT_SETTLED
-    if not plan.complete:  # a unit: the children it calls are replayed too, so their plan must hold
+    if is_unit:  # the children it calls are replayed too, so their plan must hold
         if not unit(module, plan):
             return NOT_SETTLED
         key = _key(args, kwargs, _switches(module, plan))  # their switches, as the plan has them now
@@ -190,9 +194,18 @@ def settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         out, replays[key] = Recorder(module, inputs).record(args, kwargs)
     finally:
         _recording.release()
-    if not plan.complete:
-        renew_below(module, plan, plan.below.children)
     return out
+
+
+def _looks_again(module: torch.nn.Module, plan) -> bool:
+    """For a unit whose modules below cannot be replayed past, or whose recording of this call signature
+    did not replay (a stand-in below ran its original forward, a dropout drew): on every
+    ``_LOOK_AGAIN``-th such call, whether anything below changed since, so that it is planned and
+    recorded again (its own plan, which would drop it, holds only what it bypasses)."""
+    plan.misses += 1
+    if plan.misses % _LOOK_AGAIN:
+        return False
+    return plan.below is None or not plan.below.quiet(module)
 
 
 class _Watch(TorchDispatchMode):

@@ -10,6 +10,9 @@ from ._fused import Fused, Unfusable
 from ._share import share_as
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what the kernel computes in
+
+
 class Linear(Fused, nn.Linear):
     """``nn.Linear`` whose forward is vitfast's ``linear`` op (bias in the epilogue): same constructor,
     parameters and ``state_dict``. Inputs ``nn.Linear`` would reject, or take with another dtype or
@@ -27,8 +30,8 @@ class Linear(Fused, nn.Linear):
         weight = self.weight
         if type(input) is not torch.Tensor or input.dim() == 0 or input.shape[-1] != self.in_features:
             raise Unfusable(f"input of shape {tuple(getattr(input, 'shape', ()))} for {self.in_features} features")
-        if input.device != weight.device or (input.dtype != weight.dtype
-                                             and not torch.is_autocast_enabled(input.device.type)):
+        if (input.device != weight.device or input.dtype not in _FLOATS or weight.dtype not in _FLOATS
+                or (input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type))):
             raise Unfusable(f"{input.dtype} input on {input.device} with {weight.dtype} weights on {weight.device}")
         return ops.linear(input, weight, self.bias)
 
