@@ -36,8 +36,8 @@ from .rules import Rule
 
 __all__ = ["Entry", "Report", "optimize"]
 
-RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *timm_vit.RULES, *timm_eva.RULES, *timm_pool.RULES, *torchvision.RULES,
-                     *huggingface.RULES, *open_clip.RULES]
+RULES: list[Rule] = [*pytorch.RULES, *timm.RULES, *timm_vit.RULES, *timm_eva.RULES, *timm_pool.RULES,
+                     *torchvision.RULES, *huggingface.RULES, *open_clip.RULES]
 
 
 def _name(cls: type) -> str:

@@ -32,6 +32,7 @@ def is_layer_norm(m: nn.Module, *classes: Location) -> bool:
     none are named) or vitfast's stand-in for one."""
     return location(original_class(m)) in (classes or (location(nn.LayerNorm),)) and layer_norm_reason(m) is None
 
+
 def head_rule(model: Location) -> Rule:
     """An ``nn.Linear`` classification head (a ViT's ``head``) on vitfast's GEMM, so that a settled call
     of the whole model replays it too (``modules/_replay.py``)."""

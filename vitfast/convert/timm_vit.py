@@ -44,7 +44,7 @@ def vit_reason(vit: nn.Module) -> str | None:
         return "register tokens or a dynamic image size are not fused"
     # No tensor is read here (the class token's shape is the forward's to check): torch.jit.trace records
     # each first read, and its check trace, which finds the plan made, would see another graph.
-    if vit.num_prefix_tokens != ("cls_token" in vit._parameters and vit._parameters["cls_token"] is not None):
+    if vit.num_prefix_tokens != (vit._parameters.get("cls_token") is not None):
         return "the prefix tokens are not one class token"
     redefined = [name for name in _METHODS if name in vit.__dict__]
     if redefined:
@@ -80,7 +80,8 @@ class FusedTimmVisionTransformer(Fused):
         if cls is not None and tuple(cls.shape) != (1, 1, pe.proj.out_channels):
             raise Unfusable(f"a class token of shape {tuple(cls.shape)}")
         patches = (images.shape[2] // p) * (images.shape[3] // p)
-        if pos is not None and pos.shape[-2] != patches + (cls is not None and not getattr(self, "no_embed_class", False)):
+        class_row = cls is not None and not getattr(self, "no_embed_class", False)
+        if pos is not None and pos.shape[-2] != patches + class_row:
             raise Unfusable(f"a position embedding of {pos.shape[-2]} rows for {patches} patches")
         tokens = patch_embed(images, pe.proj.weight, pe.proj.bias, cls_token=cls, pos_embed=pos)
         if pos is not None:  # timm drops after adding positions only

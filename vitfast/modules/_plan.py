@@ -49,6 +49,11 @@ def _patched_forward(cls: type) -> bool:
     return not any(c.__qualname__ + ".forward" == name and c.__module__ == module for c in cls.__mro__)
 
 
+def _forward_replaced(m: nn.Module) -> bool:
+    """A ``forward`` set on the instance, or on its class by someone else."""
+    return "forward" in m.__dict__ or _patched_forward(type(m))
+
+
 def bypass_reason(module: nn.Module, children: tuple[str, ...],
                   honours: Callable[[Callable], bool] = _honours_none) -> str | None:
     """Why a fused path may not skip the ``children`` of ``module`` (and all below them), or None:
@@ -61,7 +66,7 @@ def bypass_reason(module: nn.Module, children: tuple[str, ...],
         if m is None:
             continue
         state = m.__dict__
-        if "forward" in state or _patched_forward(type(m)):
+        if _forward_replaced(m):
             return f"{path}.forward is replaced"
         if not _no_hooks(state, honours):
             return f"hooks are registered on {path}"
@@ -207,7 +212,7 @@ def unit_reason(module: nn.Module, children: tuple[str, ...]) -> str | None:
         if m is None:
             continue
         cls = type(m)
-        if cls not in _CONTAINERS and ("forward" in m.__dict__ or _patched_forward(cls)):
+        if cls not in _CONTAINERS and _forward_replaced(m):
             return f"{path}.forward is replaced"
         if _is_stand_in(cls):
             if not _stand_in_forward(cls):
