@@ -206,6 +206,26 @@ def gated_linear_rule(arch: int | str, key: GemmKey) -> triton.Config:
     return _gemm_rule(_GATED_PICK, GATED_CANDIDATES, 2, key)
 
 
+# ---------------------------------------------------------------------------------------------------
+# linear's descriptor kernel (kernels/linear_tma.py): persistent, TMA-fed, the epilogue in column slices.
+
+def tma_configs(shapes: list[tuple[int, int, int, int, int, int]]) -> list[triton.Config]:
+    """Descriptor-kernel configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, EPILOGUE_SLICES)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SLICES": sl},
+                          num_stages=stages, num_warps=warps)
+            for bm, bn, bk, stages, warps, sl in shapes]
+
+
+LINEAR_TMA_CANDIDATES = tma_configs([
+    (128, 256, 64, 3, 8, 2), (128, 256, 64, 3, 8, 4), (256, 128, 64, 3, 8, 2), (256, 128, 64, 3, 8, 4),
+    (128, 128, 64, 4, 8, 1), (128, 128, 64, 4, 4, 2), (128, 128, 64, 5, 4, 2), (128, 128, 32, 5, 4, 2),
+    (128, 128, 32, 5, 4, 4),
+    (128, 64, 64, 4, 4, 1), (128, 64, 64, 4, 4, 2), (64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2),
+    (64, 64, 64, 4, 4, 1),
+])
+_INTERPRETER_TMA = tma_configs([(64, 64, 32, 1, 4, 2)])[0]
+
+
 def linear_candidates(key: GemmKey) -> list[triton.Config]:
     """What tuning measures for a ``linear`` launch: the Hopper list, pruned to the key."""
     return prune_tiles(LINEAR_CANDIDATES, key.m, key.n, key.k, key.dtype.itemsize)
@@ -219,6 +239,102 @@ def gated_linear_candidates(key: GemmKey) -> list[triton.Config]:
 def gemm_interpreter(key: GemmKey) -> triton.Config:
     """The GEMMs' fixed tile under Triton's interpreter."""
     return _INTERPRETER_GEMM
+
+
+def _tma_fits(key: GemmKey, candidates: list[triton.Config] | None = None,
+              weight_tiles: int = 1) -> list[triton.Config]:
+    """The descriptor kernel's candidates (``linear``'s by default) whose pipeline and epilogue staging
+    tile (BLOCK_M × BLOCK_N / EPILOGUE_SLICES of Y, which the TMA store reads from shared memory) fit
+    together."""
+    return [c for c in (LINEAR_TMA_CANDIDATES if candidates is None else candidates)
+            if c.num_stages * (c.kwargs["BLOCK_M"] + weight_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+            * key.dtype.itemsize
+            + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // c.kwargs["EPILOGUE_SLICES"] * key.out_dtype.itemsize
+            <= SMEM_BYTES]
+
+
+def linear_tma_candidates(key: GemmKey) -> list[triton.Config]:
+    """What tuning measures for a descriptor-kernel launch: its list, pruned to the key and to shared
+    memory with the epilogue's staging tile."""
+    return prune_tiles(_tma_fits(key) or LINEAR_TMA_CANDIDATES[-1:], key.m, key.n, key.k, key.dtype.itemsize)
+
+
+GATED_TMA_CANDIDATES = tma_configs([  # two accumulators: a BLOCK_M × BLOCK_N tile costs a BLOCK_M × 2·BLOCK_N one
+    (128, 128, 64, 3, 8, 2), (128, 128, 64, 3, 8, 4), (128, 64, 64, 4, 4, 1), (128, 64, 64, 4, 4, 2),
+    (64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (64, 64, 64, 4, 4, 1), (64, 64, 64, 4, 4, 2),
+])
+
+
+def gated_linear_tma_candidates(key: GemmKey) -> list[triton.Config]:
+    """What tuning measures for a gated descriptor-kernel launch: its list, pruned as ``linear``'s."""
+    return prune_tiles(_tma_fits(key, GATED_TMA_CANDIDATES, 2) or GATED_TMA_CANDIDATES[-1:], key.m, key.n, key.k,
+                       key.dtype.itemsize, weight_tiles=2)
+
+
+def gated_linear_tma_rule(arch: int | str, key: GemmKey) -> triton.Config:
+    """The gated descriptor kernel's config without measuring: ``linear_tma_rule``'s choice over its
+    own list (the activation always runs in the most slices)."""
+    return _tma_rule(GATED_TMA_CANDIDATES, 2, key)
+
+
+def linear_tma_rule(arch: int | str, key: GemmKey) -> triton.Config:
+    """The descriptor kernel's config without measuring (it runs on sm_90 only): 128 × 256 tiles in two
+    warpgroups where the rows give a wave of them, below that the largest lean tile that does (as
+    ``linear_rule``). An epilogue that holds tiles or temporaries of its own (an activation, dropout's
+    Philox, a residual tile) runs in the most column slices the tile has a config for, a bias alone in
+    the fewest: ``benchmarks/hopper_compile.py --vit-sites`` finds no spill that way at ViT-S/B/L/H
+    widths (a residual in two slices of 128 × 256 sat at 252 registers, in four at 174)."""
+    return _tma_rule(LINEAR_TMA_CANDIDATES, 1, key)
+
+
+def _tma_rule(candidates: list[triton.Config], weight_tiles: int, key: GemmKey) -> triton.Config:
+    fits = _tma_fits(key, candidates, weight_tiles) or candidates[-1:]
+    tiles = [c for c in fits if c.kwargs["EPILOGUE_SLICES"] == _fewest_slices(c, fits)]
+    tile = _gemm_rule(tiles[0], tiles, weight_tiles, key)
+    same = [c for c in fits if _tile_shape(c) == _tile_shape(tile)]
+    heavy = key.activation != "none" or key.dropout or key.residual
+    return max(same, key=lambda c: c.kwargs["EPILOGUE_SLICES"]) if heavy else tile
+
+
+def _tile_shape(c: triton.Config) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, c.num_warps
+
+
+def _fewest_slices(c: triton.Config, configs: list[triton.Config]) -> int:
+    return min(o.kwargs["EPILOGUE_SLICES"] for o in configs if _tile_shape(o) == _tile_shape(c))
+
+
+def gemm_tma_interpreter(key: GemmKey) -> triton.Config:
+    """The descriptor kernel's tile under the interpreter: 64 × 64 as the pointer kernel's, the epilogue
+    in two slices so that the interpreter walks the slicing too."""
+    return _INTERPRETER_TMA
+
+
+# ---------------------------------------------------------------------------------------------------
+# A GEMM site's tactic (kernels/gemm_tactic.py), chosen like a config: TACTIC is 1 for vitfast's fused
+# kernel, 2 for cuBLAS and the epilogue in a kernel of its own (the tuned-picks file takes integers).
+
+TACTIC_FUSED, TACTIC_CUBLAS = 1, 2
+_TACTICS = [triton.Config({"TACTIC": t}, num_warps=1, num_stages=1) for t in (TACTIC_FUSED, TACTIC_CUBLAS)]
+
+
+def gemm_tactic_candidates(key: GemmKey) -> list[triton.Config]:
+    """What tuning measures for a GEMM site: both tactics."""
+    return list(_TACTICS)
+
+
+def gemm_tactic_rule(arch: int | str, key: GemmKey) -> triton.Config:
+    """A site's tactic without measuring: the fused kernel. On sm_90 it is the descriptor kernel, which
+    is meant to match cuBLAS on the bare product and then saves the epilogue's pass over the output;
+    no GPU has measured it yet (``benchmarks/gemm_sites.py`` does), so the rule cannot know better,
+    and a tuning session measures both tactics per site."""
+    return _TACTICS[0]
+
+
+def gemm_tactic_interpreter(key: GemmKey) -> triton.Config:
+    """Under the interpreter the fused kernels, which are what the tests prove (they ask for cuBLAS
+    explicitly to prove that tactic)."""
+    return _TACTICS[0]
 
 
 # ---------------------------------------------------------------------------------------------------

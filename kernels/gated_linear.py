@@ -26,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs, _select
+from . import _configs, _select, gated_linear_tma, linear_tma
 from ._launch import launch
 from ._layout import vector_stride
-from .linear import ACTIVATIONS, _activate, _activate_bwd, _tile_position, gemm_keep, input_precision
+from ._gemm_epilogue import ACTIVATIONS, _activate, _activate_bwd, _tile_position, gemm_keep
+from .linear import input_precision
 
 
 @triton.jit
@@ -143,11 +144,19 @@ def gated_linear_fwd(
                            gate_weight.stride(1) == 1 and value_weight.stride(1) == 1, precision, activation,
                            False, z is not None, seed is not None)
 
-    def run(cfg: triton.Config) -> None:
-        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(H, cfg.kwargs["BLOCK_N"]),)
-        launch(_gated_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    device = x.get_device()
+    if (gated_linear_tma.eligible(precision, x, gate_weight, value_weight, y, z)
+            and linear_tma.arch_takes_descriptors(device)):
+        kernel = gated_linear_tma.GATED_LINEAR_TMA
+        run = gated_linear_tma.launcher(x, gate_weight, gate_bias, value_weight, value_bias, y, z, seed, dropout_p,
+                                        keep_scale, meta)
+    else:
+        kernel = GATED_LINEAR
 
-    run(_select.config(GATED_LINEAR, x.get_device(), key, run))
+        def run(cfg: triton.Config) -> None:
+            grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(H, cfg.kwargs["BLOCK_N"]),)
+            launch(_gated_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    run(_select.config(kernel, device, key, run))
 
 
 @triton.jit

@@ -30,14 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs, _select
+from . import _configs, _select, gemm_tactic, linear_tma
 from ._launch import launch
 from ._layout import vector_stride
-from ._random import GEMM, keep
-
-_GEMM_SITE = tl.constexpr(GEMM)
-
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+from ._gemm_epilogue import ACTIVATIONS, _activate, _activate_bwd, _tile_position, branch, gemm_keep
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -45,99 +41,6 @@ def input_precision(dtype: torch.dtype) -> str:
     TF32 (``torch.backends.cuda.matmul.allow_tf32``); it matters only for fp32, and "tf32" is the
     16-bit types' default."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
-@triton.jit
-def _gelu_cdf(z):
-    """Φ(z), the standard normal CDF: exact GELU is z·Φ(z)."""
-    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_tanh_gate(z):
-    """sigmoid(2u) = 0.5·(1 + tanh(u)) with u = sqrt(2/π)·(z + 0.044715·z³): tanh GELU is z·gate."""
-    # The floor keeps exp(-2u) finite; it moves the result by less than 1e-33.
-    return tl.sigmoid(tl.maximum(1.5957691216057308 * (z + 0.044715 * z * z * z), -80.0))
-
-
-@triton.jit
-def _quick_gelu_gate(z):
-    """sigmoid(1.702·z): QuickGELU (OpenAI CLIP's activation) is z·gate."""
-    # The floor keeps exp(-1.702·z) finite (it overflows fp32 below z ≈ -52); it moves the result
-    # by less than 1e-33.
-    return tl.sigmoid(tl.maximum(1.702 * z, -80.0))
-
-
-@triton.jit
-def _silu_gate(z):
-    """sigmoid(z): SiLU (swish, the gate of SwiGLU) is z·gate."""
-    # The floor keeps exp(-z) finite (it overflows fp32 below z ≈ -88); it moves the result by less
-    # than 1e-33.
-    return tl.sigmoid(tl.maximum(z, -80.0))
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    """act(z) on an fp32 tile."""
-    if ACTIVATION == "gelu":
-        z = z * _gelu_cdf(z)
-    elif ACTIVATION == "gelu_tanh":
-        z = z * _gelu_tanh_gate(z)
-    elif ACTIVATION == "quick_gelu":
-        z = z * _quick_gelu_gate(z)
-    elif ACTIVATION == "relu":
-        z = tl.maximum(z, 0.0)
-    elif ACTIVATION == "silu":
-        z = z * _silu_gate(z)
-    return z
-
-
-@triton.jit
-def _activate_bwd(g, z, ACTIVATION: tl.constexpr):
-    """g ⊙ act'(z) on fp32 tiles: the gradient through act, given g, the gradient of act(z)."""
-    if ACTIVATION == "gelu":
-        # d/dz z·Φ(z) = Φ(z) + z·φ(z)
-        g *= _gelu_cdf(z) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == "gelu_tanh":
-        # d/dz z·s = s + z·ds/dz,
-        # ds/dz = 2·s·(1 - s)·du/dz = s·(1 - s)·2·sqrt(2/π)·(1 + 3·0.044715·z²).
-        gate = _gelu_tanh_gate(z)
-        g *= gate + z * gate * (1.0 - gate) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
-    elif ACTIVATION == "quick_gelu":
-        # d/dz z·s = s + z·ds/dz, ds/dz = 1.702·s·(1 - s).
-        gate = _quick_gelu_gate(z)
-        g *= gate + 1.702 * z * gate * (1.0 - gate)
-    elif ACTIVATION == "relu":
-        g = tl.where(z > 0.0, g, 0.0)
-    elif ACTIVATION == "silu":
-        # d/dz z·s = s + z·s·(1 - s).
-        gate = _silu_gate(z)
-        g *= gate + z * gate * (1.0 - gate)
-    return g
-
-
-@triton.jit
-def gemm_keep(SEED, rows, cols, p):
-    """True where output element (rows, cols) of a GEMM survives dropout with probability p: the
-    coordinates ``kernels/_random.py`` fixes for the GEMM site (column, row's low 32 bits, row >> 32),
-    so every kernel that applies or differentiates the mask, and ``keep_mask``, agree."""
-    rows64 = rows.to(tl.int64)
-    return keep(tl.load(SEED), cols.to(tl.int32), (rows64 & 0xFFFFFFFF).to(tl.int32), (rows64 >> 32).to(tl.int32),
-                _GEMM_SITE, p)
-
-
-@triton.jit
-def _tile_position(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` over an M × N output: programs walk the tiles in
-    groups of GROUP_M row-tiles so that consecutive programs share W's column tiles and X's row tiles
-    in L2."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    group_start = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - group_start, GROUP_M)
-    within = pid % per_group
-    return group_start + within % group_rows, within // group_rows
 
 
 @triton.jit
@@ -194,14 +97,8 @@ def _linear_kernel(
         acc += tl.load(B + cols64 * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PREACT:
         tl.store(Z + rows64[:, None] * stride_zm + cols[None, :], acc.to(Z.dtype.element_ty), mask=mask)
-    acc = _activate(acc, ACTIVATION)
-    if DROPOUT:  # where, not a multiply by 0: an infinite activation drops to 0, not NaN
-        acc = tl.where(gemm_keep(SEED, rows[:, None], cols[None, :], dropout_p), acc * keep_scale, 0.0)
-    if HAS_SCALE:
-        acc *= tl.load(S + cols64 * stride_s, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_ROW_SCALE:
-        acc *= tl.load(ROW_SCALE + rows64, mask=rows < M, other=0.0)[:, None]
-
+    acc = branch(acc, rows, cols, M, N, S, stride_s, SEED, ROW_SCALE, dropout_p, keep_scale, ACTIVATION, DROPOUT,
+                 HAS_SCALE, HAS_ROW_SCALE)
     if HAS_RESIDUAL:
         r = tl.load(R + rows64[:, None] * stride_rm + cols64[None, :] * stride_rn, mask=mask, other=0.0)
         acc += r.to(tl.float32)
@@ -210,6 +107,14 @@ def _linear_kernel(
 
 LINEAR = _select.kernel("linear", _linear_kernel, _configs.linear_rule, _configs.linear_candidates,
                         _configs.gemm_interpreter)
+
+
+def gemm_key(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, activation: str,
+             residual: torch.Tensor | None, z: torch.Tensor | None, seed: torch.Tensor | None) -> _configs.GemmKey:
+    """The launch key of ``linear_fwd``'s arguments: what its configs and tactic are chosen by."""
+    return _configs.GemmKey(triton.next_power_of_2(x.shape[0]), weight.shape[0], x.shape[1], x.dtype, y.dtype,
+                            x.stride(1) == 1, weight.stride(1) == 1, input_precision(x.dtype), activation,
+                            residual is not None, z is not None, seed is not None)
 
 
 def linear_fwd(
@@ -239,29 +144,45 @@ def linear_fwd(
                                  and row_scale.is_contiguous())
     if M == 0 or N == 0:
         return
-    precision = input_precision(x.dtype)
-    args = (
-        x, weight, bias if bias is not None else y, scale if scale is not None else y,
-        residual if residual is not None else y, y, z if z is not None else y,
-        seed if seed is not None else y, row_scale if row_scale is not None else y,
-        M, N, K,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), vector_stride(bias), vector_stride(scale),
-        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        y.stride(0), z.stride(0) if z is not None else 0,
-        float(dropout_p), float(keep_scale),
-    )
+    key = gemm_key(x, weight, y, activation, residual, z, seed)
+    precision = key.precision
     meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
                 HAS_RESIDUAL=residual is not None, STORE_PREACT=z is not None, DROPOUT=seed is not None,
                 HAS_ROW_SCALE=row_scale is not None, INPUT_PRECISION=precision)
-    key = _configs.GemmKey(triton.next_power_of_2(M), N, K, x.dtype, y.dtype, x.stride(1) == 1,
-                           weight.stride(1) == 1, precision, activation, residual is not None, z is not None,
-                           seed is not None)
 
-    def run(cfg: triton.Config) -> None:
-        grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
-        launch(_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    device = x.get_device()
+    if linear_tma.eligible(precision, x, weight, y, z, residual) and linear_tma.arch_takes_descriptors(device):
+        kernel = linear_tma.LINEAR_TMA
+        run_fused = linear_tma.launcher(x, weight, bias, scale, residual, y, z, seed, row_scale, dropout_p,
+                                        keep_scale, meta)
+    else:
+        kernel = LINEAR
+        args = (
+            x, weight, bias if bias is not None else y, scale if scale is not None else y,
+            residual if residual is not None else y, y, z if z is not None else y,
+            seed if seed is not None else y, row_scale if row_scale is not None else y,
+            M, N, K,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), vector_stride(bias), vector_stride(scale),
+            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+            y.stride(0), z.stride(0) if z is not None else 0,
+            float(dropout_p), float(keep_scale),
+        )
 
-    run(_select.config(LINEAR, x.get_device(), key, run))
+        def run_fused(cfg: triton.Config) -> None:
+            grid = (triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)
+            launch(_linear_kernel, grid, args, {**meta, **_select.tile_meta(cfg)})
+    fused = _select.config(kernel, device, key, run_fused)  # chosen (measured) before the tactic is
+
+    def run(tactic: triton.Config) -> None:
+        if tactic.kwargs["TACTIC"] == gemm_tactic.CUBLAS:
+            gemm_tactic.cublas_fwd(x, weight, bias, residual, activation, y, z, scale, seed, dropout_p, keep_scale,
+                                   row_scale)
+        else:
+            run_fused(fused)
+
+    tactic = _select.config(gemm_tactic.TACTIC, device, key, run)
+    gemm_tactic.ran[device, key] = (tactic, kernel, fused)
+    run(tactic)
 
 
 @triton.jit
