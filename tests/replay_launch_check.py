@@ -12,8 +12,13 @@ addresses). Both calls' launches must be the same work:
   and two buffers alive at once (between the first and last launch that uses each; a forward's output
   to the end) never overlap in the second call.
 
+With ``--cublas`` every GEMM site runs its cuBLAS tactic (kernels/gemm_tactic.py): the products are aten
+calls between the launches, and the second call must replay them too (its generated code's ``call``
+steps).
+
 Prints one line per model and exits 0, or raises AssertionError saying what differs.
     python tests/replay_launch_check.py timm reference
+    python tests/replay_launch_check.py --cublas reference
 """
 import sys
 from pathlib import Path
@@ -81,6 +86,28 @@ def check(name: str) -> str:
                 "call launched the same work")
 
 
+def cublas_everywhere() -> list:
+    """Every GEMM site on the cuBLAS tactic; the replays run from now on, listed as they run."""
+    from vitfast.kernels import _configs, gemm_tactic
+    from vitfast.modules import _replay_steps
+
+    gemm_tactic.TACTIC.rule = lambda arch, key: _configs._TACTICS[1]
+    ran = []
+    run = _replay_steps.Replay.run
+
+    def counted(self, inputs, ptrs):
+        ran.append(self)
+        return run(self, inputs, ptrs)
+    _replay_steps.Replay.run = counted
+    return ran
+
+
 if __name__ == "__main__":
-    for model_name in sys.argv[1:] or ["timm", "reference"]:
+    names = [a for a in sys.argv[1:] if a != "--cublas"]
+    replays = cublas_everywhere() if "--cublas" in sys.argv else None
+    for model_name in names or ["timm", "reference"]:
         print(check(model_name))
+    if replays is not None:
+        calls = sum(step[0] == "call" for replay in replays for step in replay.steps)
+        assert replays and all(replay.compiled for replay in replays) and calls, (len(replays), calls)
+        print(f"cuBLAS tactic: {len(replays)} compiled replays made {calls} cuBLAS calls between their launches")

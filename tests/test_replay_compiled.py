@@ -20,13 +20,16 @@ from vitfast.modules._replay_steps import pack, span_bytes
 CHECK = Path(__file__).resolve().parent / "replay_launch_check.py"
 
 
-def test_compiled_replays_launch_what_the_checked_path_launched(tmp_path):
+@pytest.mark.parametrize("args, said", [
+    (["timm", "reference"], ["the second call launched the same work"] * 2),
+    (["--cublas", "reference"], ["the second call launched the same work", "cuBLAS tactic: "]),  # call steps
+], ids=["fused", "cublas"])
+def test_compiled_replays_launch_what_the_checked_path_launched(args, said, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    done = subprocess.run([sys.executable, str(CHECK), "timm", "reference"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(CHECK), *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("the second call launched the same work") == 2, done.stdout
+    assert all(done.stdout.count(s) == said.count(s) for s in said), done.stdout
 
 
 def _overlap(a, b):

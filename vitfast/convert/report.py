@@ -26,7 +26,22 @@ class Report:
         lines = [f"vitfast.optimize: {len(self.swapped)} module(s) swapped, {len(self.skipped)} left alone"]
         lines += [f"  swapped  {e.path or '(model)'}: {e.kind} -> {e.result}" for e in self.swapped]
         lines += [f"  left     {e.path or '(model)'}: {e.kind} ({e.result})" for e in self.skipped]
+        sites = self.gemm_sites()
+        if sites:
+            lines.append(f"  GEMM sites launched in this process: {len(sites)}")
+            lines += [f"    {row['tactic']:<6} {row['key']}" + (f" ({row['kernel']} {row['config']})" if 'kernel' in row else "")
+                      for row in sites]
         return "\n".join(lines)
+
+    @staticmethod
+    def gemm_sites() -> list[dict]:
+        """The tactic each GEMM site launched so far in this process runs, one row per launch key
+        (shape class and epilogue; ``kernels/gemm_tactic.py``): "fused" with its kernel and config, or
+        "cublas" (cuBLAS for the product, the epilogue in a kernel of its own). Sites are shape classes,
+        not modules: a ViT's twelve QKV projections share one row."""
+        from ..kernels import gemm_tactic
+
+        return gemm_tactic.chosen()
 
     def counts(self) -> dict[str, int]:
         """Swapped modules per vitfast class."""

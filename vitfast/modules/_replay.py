@@ -13,9 +13,9 @@ workspace, the same compiled kernels launched with the new tensors' addresses.
 
 A recording becomes a replay only when it is exact by construction:
 
-* every aten op the fused path ran was an allocation, a fill of a fresh allocation or a view (a
-  ``TorchDispatchMode`` watches them; the ops call their custom ops' functions directly while it
-  records); anything else (a copy, an arithmetic op, a random draw, a host read of a value such as
+* every aten op the fused path ran was an allocation, a fill of a fresh allocation, a view, or a
+  cuBLAS product written into an allocation (``_CALLS``, replayed as a call) (a ``TorchDispatchMode``
+  watches them; the ops call their custom ops' functions directly while it records); anything else (a copy, an arithmetic op, a random draw, a host read of a value such as
   ``bool(mask.any())``) leaves the call on the checked path for good;
 * every tensor a launch reads is the call's input, a parameter or buffer of the module, or an
   allocation of the recorded forward, and so is everything the forward returns;
@@ -63,6 +63,9 @@ _FRESH = {_aten.empty, _aten.empty_strided, _aten.new_empty, _aten.new_empty_str
 _FILLED = {_aten.full: lambda args: args[1], _aten.zeros: lambda args: 0.0, _aten.new_zeros: lambda args: 0.0,
            _aten.new_full: lambda args: args[2]}
 _IN_PLACE_FILLS = {_aten.fill_: lambda args: args[1], _aten.zero_: lambda args: 0.0}
+# Ops a replay makes again, with out= into an allocation of the forward: cuBLAS's products, which a GEMM
+# site's cuBLAS tactic runs (kernels/gemm_tactic.py).
+_CALLS = {_aten.mm.out, _aten.addmm.out}
 _VIEWS = {_aten.view, _aten._unsafe_view, _aten._reshape_alias, _aten.as_strided, _aten.t, _aten.transpose,
           _aten.permute, _aten.expand, _aten.unsqueeze, _aten.squeeze, _aten.select, _aten.slice, _aten.split,
           _aten.split_with_sizes, _aten.unbind, _aten.narrow, _aten.detach, _aten.alias, _aten.lift_fresh,
@@ -216,8 +219,9 @@ class _Watch(TorchDispatchMode):
         self.recorder = recorder
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.recorder.saw(func, args, out)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.recorder.saw(func, args, out, kwargs)
         return out
 
 
@@ -231,7 +235,7 @@ class Recorder:
         self.spoiled: str | None = None
         self.quiet = 0  # inside a Triton launch: the interpreter's own tensor work is not the forward's
         self.buffers: list[_Buffer] = []  # what each allocation was (the tensors themselves are not kept)
-        self.steps: list[tuple] = []  # ("alloc", j) / ("fill", j, value) / ("launch", ...), in order
+        self.steps: list[tuple] = []  # ("alloc", j) / ("fill", j, value) / ("launch" | "call", ...), in order
         self.counted: list[tuple[str, tuple[torch.dtype, ...]]] = []
         self.storages: dict[int, tuple[int, Tensor | int]] = {}
         known = [(_IN, i, t) for i, t in enumerate(inputs)]
@@ -264,8 +268,11 @@ class Recorder:
         if threading.get_ident() == self.thread:
             self.counted.append((op, dtypes))
 
-    def saw(self, func, args: tuple, out: Any) -> None:
+    def saw(self, func, args: tuple, out: Any, kwargs: dict | None = None) -> None:
         if self.quiet:
+            return
+        if func in _CALLS:
+            self._called(func, args, kwargs or {})
             return
         packet = func.overloadpacket
         if packet in _VIEWS:
@@ -283,6 +290,24 @@ class Recorder:
             self.steps.append(("fill", j, _IN_PLACE_FILLS[packet](args)))
         else:
             self.spoil(f"the fused path ran {func}")
+
+    def _called(self, func, args: tuple, kwargs: dict) -> None:
+        """An aten op the replay makes again (``_CALLS``): its arguments, each tensor by its slot, and
+        its output (``out=``) an allocation of the recorded forward."""
+        values = [*args, *kwargs.values()]
+        slots = []
+        for pos, v in enumerate(values):
+            if isinstance(v, Tensor):
+                where = self.slot(v)
+                if where is None or (pos == len(values) - 1 and where[0] != _BUF):
+                    self.spoil(f"the fused path ran {func} on a tensor made outside the forward's allocations")
+                    return
+                slots.append((pos, *where))
+                values[pos] = None
+        if list(kwargs) != ["out"]:
+            self.spoil(f"the fused path ran {func} without out=")
+            return
+        self.steps.append(("call", func, None, None, values, tuple(kwargs), tuple(slots)))
 
     def _fresh(self, t: Tensor, fill: float | None) -> None:
         if not t.numel():

@@ -16,6 +16,8 @@ kernel's launcher with its grid, its constants and the addresses of its tensors 
 parameter's or a buffer's address plus the recorded byte offset): what ``CompiledKernel.run`` takes,
 without re-binding anything. Under Triton's interpreter the same steps run as a loop that passes the
 kernels views of the same memory, so that the layout CI checks numerically is the one a GPU runs.
+A GEMM site on its cuBLAS tactic adds ``call`` steps: the aten product (``torch.mm``/``addmm`` with
+``out=``) made again on views of the same slots.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class Replay:
         live: dict[int, list[int]] = {}  # buffer -> [first step, last step] among the launches and fills
         launched: set[int] = set()  # the buffers a launch reads or writes
         for i, step in enumerate(steps):
-            if step[0] == "launch":
+            if step[0] in ("launch", "call"):
                 touched = [s[2] for s in step[6] if s[1] == _BUF]
                 launched.update(touched)
             else:  # an allocation takes no step of its own; a fill does
@@ -95,8 +97,8 @@ class Replay:
             if step[0] == "fill" and step[1] in home:
                 where, at = home[step[1]]
                 self.steps.append(("fill", where, at, self.spans.get(step[1]), bufs[step[1]].dtype, step[2]))
-            elif step[0] == "launch":
-                _, fn, kernel, grid, values, options, slots = step
+            elif step[0] in ("launch", "call"):
+                kind, fn, kernel, grid, values, options, slots = step
                 args = []
                 for pos, where, base, offset, view in slots:
                     if where == _BUF:
@@ -105,8 +107,8 @@ class Replay:
                     else:
                         at = base if where == _IN else params.setdefault(id(base), (len(params), base))[0]
                         args.append((pos, where, at, offset, view, None))
-                self.steps.append(("launch", fn, kernel, grid + (1,) * (3 - len(grid)), values, options,
-                                   tuple(args)))
+                grid = grid + (1,) * (3 - len(grid)) if kind == "launch" else None
+                self.steps.append((kind, fn, kernel, grid, values, options, tuple(args)))
         self.params = tuple(p for _, p in params.values())
         self.param_ptrs, self.param_meta = tuple(map(Tensor.data_ptr, self.params)), _meta(self.params)
         self.outputs = _placed(outputs, home, self.allocs)
@@ -166,13 +168,16 @@ class Replay:
                 _, where, at, span, dtype, value = step
                 (owned[at] if where == _OWN else ws.narrow(0, at, span).view(dtype)).fill_(value)
                 continue
-            _, fn, _, grid, values, options, args = step
+            kind, fn, _, grid, values, options, args = step
             values = values.copy()
             for pos, where, at, _, view, span in args:
                 ref = (inputs[at] if where == _IN else self.params[at] if where == _PARAM
                        else owned[at] if where == _OWN else ws.narrow(0, at, span))
                 values[pos] = _view(ref, view)
-            fn[grid](*values, **options)
+            if kind == "call":  # options: the names of the trailing keyword arguments
+                fn(*values[:len(values) - len(options)], **dict(zip(options, values[len(values) - len(options):])))
+            else:
+                fn[grid](*values, **options)
         return owned
 
     def _allocate(self) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -202,7 +207,8 @@ def _generate(replay: Replay) -> tuple:
     from triton.runtime import driver
 
     names: dict[str, Any] = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_u8": torch.uint8,
-                             "_dev": replay.device, "_rt": runtime, "_poison": _poison}
+                             "_dev": replay.device, "_rt": runtime, "_poison": _poison, "_v": _view,
+                             "_params": replay.params}
     head = (["    ws = _empty(%d, dtype=_u8, device=_dev)" % replay.workspace, "    w = ws.data_ptr()"]
             if replay.workspace else ["    ws = None"])
     for k, (size, stride, dtype) in enumerate(replay.allocs):
@@ -211,6 +217,11 @@ def _generate(replay: Replay) -> tuple:
         head.append(f"    o{k} = b{k}.data_ptr()")
     owned = "(" + "".join(f"b{k}, " for k in range(len(replay.allocs))) + ")"
     head.append(f"    if _rt._poison:\n        _poison({owned}, ws)")
+    if any(getattr(step[2].metadata, "global_scratch_size", 0) for step in replay.steps if step[0] == "launch"):
+        # A kernel that makes tensor descriptors needs Triton's scratch allocator, set per thread context.
+        from ..kernels.linear_tma import ensure_allocator
+        names["_scratch"] = ensure_allocator
+        head.append("    _scratch()")
     used = sorted({a[2] for step in replay.steps if step[0] == "launch" for a in step[6] if a[1] == _IN})
     head += [f"    i{i} = inputs[{i}].data_ptr()" for i in used]
     if replay.params:
@@ -222,6 +233,10 @@ def _generate(replay: Replay) -> tuple:
             names[f"_fill{n}"] = (dtype, value)
             target = f"b{at}" if where == _OWN else f"ws.narrow(0, {at}, {span}).view(_fill{n}[0])"
             plain.append(f"    {target}.fill_(_fill{n}[1])")
+            hooked.append(plain[-1])
+            continue
+        if step[0] == "call":
+            plain.append(_call_line(n, step, names))
             hooked.append(plain[-1])
             continue
         _, _, kernel, grid, values, _, args = step
@@ -244,8 +259,29 @@ def _generate(replay: Replay) -> tuple:
     return names["plain"], names["hooked"], driver, knobs
 
 
+def _call_line(n: int, step: tuple, names: dict[str, Any]) -> str:
+    """The generated line of a ``call`` step: the aten op on views rebuilt from the recorded slots (a
+    tensor object per argument, which launches avoid by passing addresses; these are cuBLAS products,
+    rare and long on the GPU)."""
+    _, func, _, _, values, kwnames, args = step
+    exprs = []
+    for pos, value in enumerate(values):
+        names[f"_c{n}_{pos}"] = value
+        exprs.append(f"_c{n}_{pos}")
+    for pos, where, at, _, view, span in args:
+        names[f"_view{n}_{pos}"] = view
+        ref = (f"inputs[{at}]" if where == _IN else f"_params[{at}]" if where == _PARAM else f"b{at}" if where == _OWN
+               else f"ws.narrow(0, {at}, {span})")
+        exprs[pos] = f"_v({ref}, _view{n}_{pos})"
+    names[f"_op{n}"] = func
+    positional = exprs[:len(exprs) - len(kwnames)]
+    keywords = [f"{k}={e}" for k, e in zip(kwnames, exprs[len(exprs) - len(kwnames):])]
+    return f"    _op{n}({', '.join(positional + keywords)})"
+
+
 def _view(ref: Tensor, view: tuple) -> Tensor:
-    """The recorded view (shape, strides, element offset, dtype) of ``ref``, for the interpreter."""
+    """The recorded view (shape, strides, element offset, dtype) of ``ref``, for the interpreter and
+    the ``call`` steps."""
     size, stride, offset, dtype = view
     if ref.dtype != dtype:
         ref = ref.view(dtype)
