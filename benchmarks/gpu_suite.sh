@@ -25,9 +25,9 @@
 # The tests step takes whatever the budget leaves it. Each failing test's report goes to
 # OUT_DIR/failures.log the moment it fails, so a step cut short still names its failures.
 #
-# OUT_DIR receives at most seven files (the device tool returns eight): suite.log (every step's
-# output, then a summary of exit codes), failures.log, kernels.json, kernels-rope-glu.json, and the
-# bench's <gpu>-<date>.json/.csv/.png.
+# OUT_DIR receives at most eight files (what the device tool returns): suite.log (every step's
+# output, then a summary of exit codes), failures.log, kernels.json, kernels-rope-glu.json,
+# gemm-sites.json, and the bench's <gpu>-<date>.json/.csv/.png.
 # A failing step does not stop the suite; the exit status is non-zero when any step failed.
 set -uo pipefail
 
@@ -50,7 +50,7 @@ export VITFAST_FAILURE_LOG="$out/failures.log"  # read by tests/conftest.py
 selected="${VITFAST_SUITE_STEPS:-all}"
 chosen() { [[ $selected == all || " $selected " == *" $1 "* || $1 =~ ^(gpu-info|versions|install|wheels)$ ]]; }
 chosen bench || bench_reserve=0
-steps="gpu-tests check memcheck warm profile kernel-benchmarks kernel-benchmarks-rope-glu tests bench"
+steps="gpu-tests check memcheck warm profile gemm-sites kernel-benchmarks kernel-benchmarks-rope-glu tests bench"
 for s in $selected; do  # a misspelt name would otherwise run nothing and pass
     [[ $s == all || " $steps " == *" $s "* ]] || { echo "VITFAST_SUITE_STEPS: no step '$s' (steps: $steps)"; exit 2; }
 done
@@ -139,6 +139,13 @@ step warm 40 "$py" benchmarks/warm_cache.py --model vit_base --batch 1 64 256
 # Which kernels the time goes to, vitfast against the reference eager, and the registers, spills and
 # shared memory of each config that ran (for benchmarks/NOTES.md).
 step profile 45 "$py" benchmarks/profile_vit.py --batch 64 --baseline --rows 15 --kernel-stats
+
+# Each ViT-B and ViT-L GEMM site at batch 1, 32 and 256: every config of the descriptor kernel, the pointer
+# kernel, cuBLAS alone and cuBLAS plus the epilogue's kernel (issue 31). 120 s within the whole suite (the
+# rows it reaches are kept); selected on its own (VITFAST_SUITE_STEPS=gemm-sites) it gets 300 s.
+gemm_limit=120
+[[ $selected == gemm-sites ]] && gemm_limit=300
+step gemm-sites "$gemm_limit" "$py" benchmarks/gemm_sites.py --json "$out/gemm-sites.json" --budget $((gemm_limit - 40))
 
 # pytest exits 5 when it collects nothing; that is no failure of the suite (a -k selection may empty it).
 # The benchmarks of the rotary attention, short-query attention and gated GEMM (issue 16) run in a step

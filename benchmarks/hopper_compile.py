@@ -3,6 +3,7 @@
     python benchmarks/hopper_compile.py                     # each kernel variant in the config its sm_90 rule picks
     python benchmarks/hopper_compile.py --batch 1 32 256    # ... at these batch sizes (default 256)
     python benchmarks/hopper_compile.py --all               # every candidate that tuning would measure
+    python benchmarks/hopper_compile.py --vit-sites --json PATH   # each ViT GEMM site's pick, as the JIT specializes it
 
 The interpreter proves what the kernels compute; this proves the installed Triton turns them into
 sm_90 code (wgmma where the tiles allow it) in the configs the rules pick, and that each fits the
@@ -18,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -200,9 +202,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[256],
                    help="batch sizes whose picks to compile (default 256)")
     p.add_argument("-k", default="", help="only variants whose name contains this")
+    p.add_argument("--vit-sites", action="store_true",
+                   help="instead: every ViT GEMM site and epilogue variant (vitfast/bench/gemm_sites.py) at the "
+                        "batch sizes given, compiled through the stand-in driver as the JIT specializes it: "
+                        "the rule's kernel and config, registers, spills, shared memory, TMA, wgmma")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="--vit-sites: models (default: ViT-S/B/L/H and EVA02-B's SwiGLU fc1)")
+    p.add_argument("--variants", nargs="+", default=None, help="--vit-sites: variants (default: all)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="--vit-sites: the operands' dtype (default bfloat16)")
+    p.add_argument("--tf32", action="store_true",
+                   help="--vit-sites: allow TF32 (torch.backends.cuda.matmul.allow_tf32), as fp32 GEMMs need "
+                        "for the descriptor kernel")
+    p.add_argument("--json", type=Path, default=None, help="--vit-sites: write the table here")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="--vit-sites: write the table here as Markdown, one line per site and variant")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter has no compiler to check")
+    if a.vit_sites:
+        return vit_sites(a)
     import triton
 
     print(f"triton {triton.__version__}, target sm_90", flush=True)
@@ -228,6 +247,61 @@ def main(argv: list[str] | None = None) -> int:
                   f"wgmma {'wgmma' in ptx}, {time.perf_counter() - t0:.1f} s", flush=True)
     print(f"{count} compiled, {failures} failed")
     return 1 if failures or not count else 0
+
+
+def vit_sites(a: argparse.Namespace) -> int:
+    """``--vit-sites``: print and save the static table; fail when a pick misses the target (no spill,
+    TMA and wgmma on the descriptor kernel)."""
+    import json
+
+    import triton
+
+    from vitfast.bench import gemm_sites
+
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    t0 = time.perf_counter()
+    table = gemm_sites.static_table(a.models or [*gemm_sites.MODELS, *gemm_sites.GATED], a.batch,
+                                    a.variants or list(gemm_sites.VARIANTS), getattr(torch, a.dtype))
+    misses = 0
+    for row in table:
+        ok = gemm_sites.meets_target(row)
+        misses += not ok
+        before = row["pointer"]
+        print(f"{'ok  ' if ok else 'MISS'} {row['model']} b{row['batch']} {row['site']} {row['variant']}: "
+              f"{row.get('kernel')} {row.get('config')} regs {row.get('registers')} spill {row.get('spilled_bytes')} "
+              f"smem {row.get('dynamic_shared_bytes')} tma {row.get('tma')} wgmma {row.get('wgmma')} | pointer kernel: "
+              f"regs {before.get('registers')} spill {before.get('spilled_bytes')} tma {before.get('tma')}",
+              flush=True)
+    print(f"{len(table) - misses} of {len(table)} picks without spills, on TMA and wgmma "
+          f"({time.perf_counter() - t0:.0f} s)")
+    if a.json:
+        a.json.write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": table}, indent=1))
+    if a.markdown:
+        a.markdown.write_text(_markdown(table, a.batch))
+    return 1 if misses else 0
+
+
+def _markdown(table: list[dict], batches: list[int]) -> str:
+    """One line per (model, site, variant): per batch size the pick (BLOCK_M×BLOCK_N×BLOCK_K, warps,
+    stages, epilogue slices), its registers, its spilled bytes and the wave use, then the pointer
+    kernel's registers and spilled bytes at the largest batch."""
+    def pick(r: dict) -> str:
+        c = r["config"]
+        return (f"{c['BLOCK_M']}×{c['BLOCK_N']}×{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']} "
+                f"e{c['EPILOGUE_SLICES']}: {r['registers']} r, {r['spilled_bytes']} B, {r['wave_use']:.2f}")
+
+    by_line: dict[tuple, dict[int, dict]] = {}
+    for r in table:
+        by_line.setdefault((r["model"], r["site"], r["variant"]), {})[r["batch"]] = r
+    head = ["model", "site", "variant", *[f"batch {b}: pick: regs, spill, wave use" for b in batches],
+            f"pointer kernel at batch {batches[-1]}: regs, spill"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for (model, site, variant), rows in by_line.items():
+        last = rows[batches[-1]]["pointer"]
+        cells = [model, site, variant, *[pick(rows[b]) if "config" in rows[b] else rows[b].get("kernels", "?")
+                                         for b in batches], f"{last.get('registers')} r, {last.get('spilled_bytes')} B"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

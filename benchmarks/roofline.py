@@ -2,6 +2,7 @@
 
     python benchmarks/roofline.py                       # ViT-B/16, 224 px, bf16, batch 256, H100 peaks
     python benchmarks/roofline.py --model vit_large --batch 32 --matmul-tflops 790 --copy-gbs 4300
+    python benchmarks/roofline.py --gemm-sites --batch 1 32 256 --matmul-tflops 649   # fused against cuBLAS + epilogue
 
 Bytes are the compulsory HBM traffic of vitfast's fused schedule (each operand read once, each
 result written once; weights once per launch), so ``max(flops / matmul peak, bytes / copy peak)``
@@ -111,15 +112,51 @@ def table(ops: list[Op], tflops: float, gbs: float, batch: int, totals: bool = T
     return "\n".join(lines)
 
 
+def site_table(model: str, batches: list[int], elem: int, tflops: float, gbs: float) -> str:
+    """Each GEMM site of one block, one launch, against its cuBLAS tactic (``kernels/gemm_tactic.py``):
+    cuBLAS writes the product Z, the epilogue's kernel reads it (and the residual) and writes Y, so the
+    tactic moves 2·M·N·e more bytes than the fused kernel (none for QKV, whose bias cuBLAS adds). Both
+    GEMMs are taken at ``tflops``; "fused must reach" is the fraction of that speed at which the fused
+    kernel's product time equals cuBLAS's product plus the epilogue pass at ``gbs``."""
+    with torch.device("meta"):
+        s = shape_of(getattr(reference, model)(img_size=224))
+    d, hid = s.embed_dim, s.mlp_hidden
+    lines = ["| batch | site | M × N × K | GFLOP | fused MB | fused bound ms | bound by | epilogue pass MB | "
+             "epilogue ms | fused must reach |", "| ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for batch in batches:
+        m = batch * s.tokens
+        for site, n, k, residual, epilogue in (("qkv", 3 * d, d, False, False), ("proj + residual", d, d, True, True),
+                                               ("fc1 + GELU", hid, d, False, True), ("fc2 + residual", d, hid, True, True)):
+            op = Op(site, 1, 2.0 * m * n * k, elem * (m * k + n * k + n + m * n * (2 if residual else 1)))
+            extra = 2.0 * elem * m * n if epilogue else 0.0
+            product = Op(site, 1, op.flops, op.bytes - (elem * m * n if residual else 0))
+            epilogue_ms = extra / (gbs * 1e9) * 1e3
+            product_ms = product.bound_ms(tflops, gbs)
+            lines.append(f"| {batch} | {site} | {m} × {n} × {k} | {op.flops / 1e9:,.1f} | {op.bytes / 1e6:,.1f} | "
+                         f"{op.bound_ms(tflops, gbs):.3f} | {op.limiter(tflops, gbs)} | {extra / 1e6:,.1f} | "
+                         f"{epilogue_ms:.3f} | {product_ms / (product_ms + epilogue_ms):.0%} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base", choices=sorted(reference.CONFIGS))
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, nargs="+", default=[256], help="one batch size (with --gemm-sites, several)")
+    p.add_argument("--gemm-sites", action="store_true",
+                   help="instead: each GEMM site of one block, fused against cuBLAS and a separate epilogue")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--bytes-per-element", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
     p.add_argument("--matmul-tflops", type=float, default=780.0)
     p.add_argument("--copy-gbs", type=float, default=3000.0)
     a = p.parse_args(argv)
+    if a.gemm_sites:
+        print(f"{a.model}, 224 px, {a.bytes_per_element}-byte elements, one launch per site; GEMMs at "
+              f"{a.matmul_tflops:.0f} TFLOP/s, {a.copy_gbs:.0f} GB/s\n")
+        print(site_table(a.model, a.batch, a.bytes_per_element, a.matmul_tflops, a.copy_gbs))
+        return
+    if len(a.batch) != 1:
+        p.error("--batch takes one batch size without --gemm-sites")
+    a.batch = a.batch[0]
     ops = vit_ops(a.model, a.batch, a.img_size, a.bytes_per_element)
     print(f"{a.model}, {a.img_size} px, batch {a.batch}, {a.bytes_per_element}-byte elements; peaks "
           f"{a.matmul_tflops:.0f} TFLOP/s, {a.copy_gbs:.0f} GB/s\n")
