@@ -16,7 +16,8 @@ M = 197 × batch in bf16, with the epilogue of inference:
 
 Times are ``triton.testing.do_bench``'s (ms, L2 flushed between runs), in one process, one after the
 other; each site's row is written as soon as it is done, so a run cut short by ``--budget`` (or a
-timeout) keeps what it measured. Needs a CUDA GPU; the descriptor kernel needs sm_90.
+timeout) keeps what it measured. Every launch runs its rule's config and tactic: the script reads no
+tuned-picks file. Needs a CUDA GPU; the descriptor kernel needs sm_90.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from vitfast.bench import gemm_sites
 
 
 def _bench(fn) -> float:
@@ -39,7 +43,6 @@ def _bench(fn) -> float:
 def site_row(launch, dtype: torch.dtype, device: str = "cuda", bench=_bench) -> dict:
     """Time every way of running ``launch`` (a ``gemm_sites.Launch``) with ``bench`` (a function of a
     launch, its ms); tests run it in the interpreter with a fake timer."""
-    from vitfast.bench import gemm_sites
     from vitfast.kernels import _configs, _precompile, gemm_tactic, linear, linear_tma
     from vitfast.kernels._tuning import interpreting
 
@@ -97,21 +100,24 @@ def site_row(launch, dtype: torch.dtype, device: str = "cuda", bench=_bench) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True, help="where to write the rows")
-    p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"])
+    p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=list(gemm_sites.MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
-    p.add_argument("--sites", nargs="+", default=None, help="default: qkv proj fc1 fc2")
+    p.add_argument("--sites", nargs="+", default=list(gemm_sites.SITES), choices=list(gemm_sites.SITES))
     p.add_argument("--budget", type=float, default=280.0, help="seconds; no new site starts after them")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
         raise SystemExit("gemm_sites.py times kernels on a CUDA GPU (and TRITON_INTERPRET must be unset)")
     import triton
 
-    from vitfast.bench import gemm_sites
+    from vitfast.kernels import _select
 
+    # The rules' configs and tactics, never a tuned pick: the pointer column is the pointer kernel's rule.
+    os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")
+    _select.reset()
     start = time.perf_counter()
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "dtype": "bfloat16", "rows": [], "skipped": []}
-    todo = list(gemm_sites.launches(a.models, a.batch, sites=a.sites or gemm_sites.SITES, variants=["inference"]))
+    todo = list(gemm_sites.launches(a.models, a.batch, sites=a.sites, variants=["inference"]))
     for launch in todo:
         if time.perf_counter() - start > a.budget:
             doc["skipped"].append(launch.name)

@@ -311,8 +311,9 @@ def gemm_tma_interpreter(key: GemmKey) -> triton.Config:
 
 
 # ---------------------------------------------------------------------------------------------------
-# A GEMM site's tactic (kernels/gemm_tactic.py), chosen like a config: TACTIC is 1 for vitfast's fused
-# kernel, 2 for cuBLAS and the epilogue in a kernel of its own (the tuned-picks file takes integers).
+# A GEMM site's tactic (kernels/gemm_tactic.py), chosen like a config, per fused kernel: TACTIC is 1 for
+# vitfast's fused kernel, 2 for cuBLAS and the epilogue in a kernel of its own (the tuned-picks file
+# takes integers).
 
 TACTIC_FUSED, TACTIC_CUBLAS = 1, 2
 _TACTICS = [triton.Config({"TACTIC": t}, num_warps=1, num_stages=1) for t in (TACTIC_FUSED, TACTIC_CUBLAS)]

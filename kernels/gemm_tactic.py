@@ -5,9 +5,10 @@ The fused kernels save the epilogue's pass over the M × N output (a read of Z a
 write of Y), but only pay off while their product runs near cuBLAS's speed; where it does not, cuBLAS
 (``torch.addmm``/``torch.mm``, which honours ``torch.backends.cuda.matmul.allow_tf32`` as the fused
 kernels' input precision does) followed by ``_epilogue_fwd_kernel`` is the faster way to the same
-result. ``linear_fwd`` asks ``_select`` for the tactic of each launch key like for a config: a tuning
-session measures both tactics (the fused one in its own tuned config) and keeps the faster, saved
-in the tuned-picks file as ``gemm_tactic``; otherwise the rule (``_configs.gemm_tactic_rule``).
+result. ``linear_fwd`` asks ``_select`` for the tactic of each launch key like for a config, one
+choice per fused kernel (``declare``): a tuning session measures both tactics (the fused one in its
+own tuned config) and keeps the faster, saved in the tuned-picks file as ``gemm_tactic_<kernel>``;
+otherwise the rule (``_configs.gemm_tactic_rule``).
 ``chosen()`` lists what each key in this process runs, for ``Report.gemm_sites`` and the bench.
 
 The cuBLAS tactic computes what the fused kernel does with one more rounding: Z = X · Wᵀ + b is
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs, _select
+from . import _configs, _precompile, _select
 from ._gemm_epilogue import branch
 from ._launch import launch
 from ._layout import vector_stride
@@ -58,8 +59,18 @@ def _epilogue_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
 
 
-TACTIC = _select.kernel("gemm_tactic", _epilogue_fwd_kernel, _configs.gemm_tactic_rule,
-                        _configs.gemm_tactic_candidates, _configs.gemm_tactic_interpreter)
+# The tactic choices, one per fused kernel (its name -> the ``_select`` kernel that chooses for it).
+TACTICS: dict[str, _select.Kernel] = {}
+
+
+def declare(fused: _select.Kernel) -> _select.Kernel:
+    """The tactic choice of the sites ``fused`` serves: saved in the tuned-picks file as
+    ``gemm_tactic_<kernel>`` and tied to that kernel's source, so that a pick measured against one
+    fused kernel is neither applied to a launch that runs the other (alignment decides which) nor kept
+    once the kernel changes."""
+    k = TACTICS[fused.name] = _select.kernel(f"gemm_tactic_{fused.name}", fused.fn, _configs.gemm_tactic_rule,
+                                             _configs.gemm_tactic_candidates, _configs.gemm_tactic_interpreter)
+    return k
 
 
 def cublas_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
@@ -76,7 +87,9 @@ def cublas_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         product = y
     else:
         product = z if z is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if fused_bias:
+    if _precompile.active():
+        pass  # compiling ahead: no kernel runs, cuBLAS's neither; the epilogue's kernel compiles below
+    elif fused_bias:
         torch.addmm(bias, x, weight.t(), out=product)
     else:
         torch.mm(x, weight.t(), out=product)
@@ -112,7 +125,7 @@ def chosen() -> list[dict]:
     """What each ``linear`` launch key met in this process ran last: the device, the key
     (``_configs.key_text``), the tactic's name and, for the fused tactic, its kernel and config."""
     out = []
-    for (device, key), (tactic, kernel, fused) in ran.items():
+    for (device, key), (tactic, kernel, fused) in list(ran.items()):  # another thread may be launching
         row = {"device": device, "key": _configs.key_text(key), "tactic": NAMES[tactic.kwargs["TACTIC"]]}
         if tactic.kwargs["TACTIC"] == FUSED:
             row.update(kernel=kernel.name, config=_select.tile_meta(fused))

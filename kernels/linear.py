@@ -107,6 +107,7 @@ def _linear_kernel(
 
 LINEAR = _select.kernel("linear", _linear_kernel, _configs.linear_rule, _configs.linear_candidates,
                         _configs.gemm_interpreter)
+gemm_tactic.declare(LINEAR)
 
 
 def gemm_key(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, activation: str,
@@ -180,7 +181,7 @@ def linear_fwd(
         else:
             run_fused(fused)
 
-    tactic = _select.config(gemm_tactic.TACTIC, device, key, run)
+    tactic = _select.config(gemm_tactic.TACTICS[kernel.name], device, key, run)
     gemm_tactic.ran[device, key] = (tactic, kernel, fused)
     run(tactic)
 

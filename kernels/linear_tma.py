@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs, _select
+from . import _configs, _select, gemm_tactic
 from ._gemm_epilogue import _tile_position, branch
 from ._launch import launch
 from ._layout import vector_stride
@@ -149,11 +149,13 @@ def _linear_tma_kernel(
 
 
 def _descriptor_ok(t: torch.Tensor, unit_dim: int) -> bool:
-    """Whether ``t`` (2-D) can be described as it lies: unit stride on ``unit_dim``, a 16-byte-aligned
-    base and a 16-byte multiple for the other stride."""
+    """Whether ``t`` (2-D, not empty) can be described as it lies: unit stride on ``unit_dim``, a
+    16-byte-aligned base, and rows along the other dimension that do not overlap (a stride of at least
+    the row's length: no broadcast stride 0) and start 16-byte aligned."""
     e = t.element_size()
-    return (t.stride(unit_dim) == 1 and (t.stride(1 - unit_dim) * e) % TMA_ALIGN == 0
-            and t.data_ptr() % TMA_ALIGN == 0)
+    other = t.stride(1 - unit_dim)
+    return (t.numel() > 0 and t.stride(unit_dim) == 1 and other >= max(1, t.shape[unit_dim])
+            and (other * e) % TMA_ALIGN == 0 and t.data_ptr() % TMA_ALIGN == 0)
 
 
 def operand_layout(t: torch.Tensor) -> bool | None:
@@ -172,7 +174,8 @@ def eligible(precision: str, x: torch.Tensor, weight: torch.Tensor, y: torch.Ten
     TF32 allowed (``precision``, ``tl.dot``'s input precision: an exact fp32 product runs on FMAs, where
     the descriptor kernel's large tiles spill and the pointer kernel does not), X and W each lying
     K-major or transposed with aligned strides, and Y and the other [M, N] tensors (the
-    pre-activation, the residual) row-major with aligned rows."""
+    pre-activation, the residual) row-major with aligned rows; none of them empty or broadcast (the
+    copy engine's descriptors take neither a zero size nor overlapping rows)."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
         return False
     if x.dtype == torch.float32 and precision != "tf32":
@@ -264,3 +267,4 @@ def launcher(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 
 LINEAR_TMA = _select.kernel("linear_tma", _linear_tma_kernel, _configs.linear_tma_rule, _configs.linear_tma_candidates,
                             _configs.gemm_tma_interpreter)
+gemm_tactic.declare(LINEAR_TMA)

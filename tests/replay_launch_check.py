@@ -88,10 +88,11 @@ def check(name: str) -> str:
 
 def cublas_everywhere() -> list:
     """Every GEMM site on the cuBLAS tactic; the replays run from now on, listed as they run."""
-    from vitfast.kernels import _configs, gemm_tactic
+    from vitfast.kernels import _configs, gemm_tactic, linear  # noqa: F401  (linear declares the tactics)
     from vitfast.modules import _replay_steps
 
-    gemm_tactic.TACTIC.rule = lambda arch, key: _configs._TACTICS[1]
+    for tactic in gemm_tactic.TACTICS.values():
+        tactic.rule = lambda arch, key: _configs._TACTICS[1]
     ran = []
     run = _replay_steps.Replay.run
 

@@ -51,7 +51,8 @@ def test_kernels_missing_elsewhere_is_reported_missing():
 
 
 def test_vitfast_runs_models_without_triton():
-    """Without Triton a converted model runs on PyTorch's fallback, settled calls included."""
+    """Without Triton a converted model runs on PyTorch's fallback, settled calls included; its report
+    prints (no GEMM site launched) and the bench imports."""
     lines = _run_in_root("""
         import sys
         sys.modules["triton"] = None  # as if it were not installed
@@ -63,5 +64,7 @@ def test_vitfast_runs_models_without_triton():
         with torch.no_grad():
             outs = [fast(x) for _ in range(2)]
             print(all(torch.allclose(o, model(x), atol=1e-5) for o in outs), vitfast.runtime.backend_name("cpu"))
+        import vitfast.bench.cli
+        print(fast.vitfast_report.gemm_sites(), "swapped" in str(fast.vitfast_report))
     """)
-    assert lines == ["True pytorch-fallback"]
+    assert lines == ["True pytorch-fallback", "[] True"]

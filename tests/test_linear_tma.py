@@ -57,7 +57,8 @@ def kernels(monkeypatch):
 @pytest.fixture
 def cublas(monkeypatch):
     """Every GEMM site runs the cuBLAS tactic (the interpreter's default is the fused kernel)."""
-    monkeypatch.setattr(gemm_tactic.TACTIC, "interpreter", lambda key: _configs._TACTICS[1])
+    for tactic in gemm_tactic.TACTICS.values():
+        monkeypatch.setattr(tactic, "interpreter", lambda key: _configs._TACTICS[1])
 
 
 def _reference(x, w, b, act, scale, row_scale, residual):
@@ -132,6 +133,9 @@ def test_operands_a_descriptor_cannot_take_keep_the_pointer_kernel(kernels):
         "base off 16 bytes": (torch.randn(17, 65)[:, 1:], w, None),
         "strided along K": (torch.randn(17, 128)[:, ::2], w, None),
         "residual rows of 388 bytes": (torch.randn(17, 64), w, torch.randn(17, 97)[:, :96]),
+        "broadcast rows (stride 0, a gradient of a sum)": (torch.randn(1, 64).expand(17, 64), w, None),
+        "broadcast residual": (torch.randn(17, 64), w, torch.randn(1, 96).expand(17, 96)),
+        "K = 0": (torch.randn(17, 0), torch.randn(96, 0), None),
     }
     for what, (x, weight, residual) in cases.items():
         kernels.clear()
@@ -250,7 +254,7 @@ def test_tuning_keeps_the_faster_tactic_saves_it_and_the_report_names_it(tmp_pat
     x, w = torch.randn(24, 64), torch.randn(96, 64)
     with vitfast.tuning.tune(timer) as session:
         _launch(x, w, None, "gelu")
-    saved = json.loads(session.written[0].read_text())["kernels"]["gemm_tactic"]["picks"]
+    saved = json.loads(session.written[0].read_text())["kernels"]["gemm_tactic_linear_tma"]["picks"]
     assert [pick["TACTIC"] for pick in saved.values()] == [_configs.TACTIC_CUBLAS]
     _select.reset()
     gemm_tactic.ran.clear()
@@ -278,3 +282,17 @@ def test_a_model_on_the_cublas_tactic_replays_its_products(cublas, replays):
     assert ran and any(step[0] == "call" for replay in ran for step in replay.steps)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     assert {row["tactic"] for row in gemm_tactic.chosen()} == {"cublas"}
+
+
+def test_compiling_ahead_runs_no_cublas_product(monkeypatch):
+    """Inside ``_precompile.compiling()`` nothing runs: the cuBLAS tactic hands only its epilogue's launch
+    on (to be compiled) and leaves the product unmade."""
+    from vitfast.kernels import _precompile
+
+    launched = []
+    monkeypatch.setattr(_precompile, "active", lambda: True)
+    monkeypatch.setattr(gemm_tactic, "launch", lambda fn, grid, args, meta: launched.append(fn))
+    x, w = torch.randn(24, 64), torch.randn(96, 64)
+    y = torch.full((24, 96), float("nan"))
+    gemm_tactic.cublas_fwd(x, w, None, None, "gelu", y, None, None, None, 0.0, 1.0, None)
+    assert launched == [gemm_tactic._epilogue_fwd_kernel] and y.isnan().all()

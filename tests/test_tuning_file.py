@@ -23,11 +23,15 @@ PICK = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 
 @pytest.fixture(autouse=True)
 def _tuning_file(tmp_path, monkeypatch):
+    """A fresh tuned-picks file, and exact fp32 products: KEY's precision is "ieee"."""
     assert interpreting(), "these tests launch in the interpreter"
     monkeypatch.setenv("VITFAST_TUNING_FILE", str(tmp_path / "picks.json"))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     _select.reset()
     yield tmp_path / "picks.json"
     _select.reset()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.fixture

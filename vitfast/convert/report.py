@@ -1,6 +1,7 @@
 """What ``optimize`` swapped and what it left alone, with the reason."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -38,10 +39,10 @@ class Report:
         """The tactic each GEMM site launched so far in this process runs, one row per launch key
         (shape class and epilogue; ``kernels/gemm_tactic.py``): "fused" with its kernel and config, or
         "cublas" (cuBLAS for the product, the epilogue in a kernel of its own). Sites are shape classes,
-        not modules: a ViT's twelve QKV projections share one row."""
-        from ..kernels import gemm_tactic
-
-        return gemm_tactic.chosen()
+        not modules: a ViT's twelve QKV projections share one row. Empty where no GEMM was launched
+        (nor Triton installed)."""
+        gemm_tactic = sys.modules.get("vitfast.kernels.gemm_tactic")  # imported by the first launch
+        return [] if gemm_tactic is None else gemm_tactic.chosen()
 
     def counts(self) -> dict[str, int]:
         """Swapped modules per vitfast class."""
