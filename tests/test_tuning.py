@@ -53,8 +53,11 @@ def test_sm90_rules_pick_a_candidate_that_fits(model):
             where = f"{model} batch {batch} {dtype}"
             for site, key in _gemm_keys(width, batch, dtype):
                 assert C.linear_rule(90, key) in C.linear_candidates(key), f"linear {site}, {where}"
+                assert C.linear_tma_rule(90, key) in C.linear_tma_candidates(key), f"linear_tma {site}, {where}"
                 gated = key._replace(n=key.n * 2 // 3, residual=False)  # SwiGLU's hidden width
                 assert C.gated_linear_rule(90, gated) in C.gated_linear_candidates(gated), f"gated {site}, {where}"
+                assert C.gated_linear_tma_rule(90, gated) in C.gated_linear_tma_candidates(gated), \
+                    f"gated_linear_tma {site}, {where}"
             for key in _attention_keys(width, heads, batch, dtype):
                 for kernel in ("fwd", "dkdv", "dq"):
                     rule = C.attention_rule(kernel)(90, key)
