@@ -21,7 +21,7 @@ from . import _configs, _select
 from ._gemm_epilogue import _activate, _tile_position, gemm_keep
 from ._launch import launch
 from ._layout import vector_stride
-from .linear_tma import _column_slices, ensure_allocator, operand_layout, programs_per_wave
+from .linear_tma import _column_slices, ensure_allocator, operand_desc, operand_layout, operand_tile, programs_per_wave
 from ._tuning import interpreting
 
 
@@ -67,18 +67,9 @@ def _gated_linear_tma_kernel(
     strides 16-byte aligned, H·e too when STORE_PREACT. The rest as ``_gated_linear_kernel``.
     """
     SLICE_N: tl.constexpr = BLOCK_N // EPILOGUE_SLICES
-    if X_T:
-        x_desc = tl.make_tensor_descriptor(X, [K, M], [stride_x, 1], [BLOCK_K, BLOCK_M])
-    else:
-        x_desc = tl.make_tensor_descriptor(X, [M, K], [stride_x, 1], [BLOCK_M, BLOCK_K])
-    if WG_T:
-        wg_desc = tl.make_tensor_descriptor(WG, [K, H], [stride_wg, 1], [BLOCK_K, BLOCK_N])
-    else:
-        wg_desc = tl.make_tensor_descriptor(WG, [H, K], [stride_wg, 1], [BLOCK_N, BLOCK_K])
-    if WV_T:
-        wv_desc = tl.make_tensor_descriptor(WV, [K, H], [stride_wv, 1], [BLOCK_K, BLOCK_N])
-    else:
-        wv_desc = tl.make_tensor_descriptor(WV, [H, K], [stride_wv, 1], [BLOCK_N, BLOCK_K])
+    x_desc = operand_desc(X, M, K, stride_x, BLOCK_M, BLOCK_K, X_T)
+    wg_desc = operand_desc(WG, H, K, stride_wg, BLOCK_N, BLOCK_K, WG_T)
+    wv_desc = operand_desc(WV, H, K, stride_wv, BLOCK_N, BLOCK_K, WV_T)
     y_desc = tl.make_tensor_descriptor(Y, [M, H], [stride_y, 1], [BLOCK_M, SLICE_N])
     zg_desc = y_desc
     zv_desc = y_desc
@@ -94,18 +85,9 @@ def _gated_linear_tma_kernel(
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            if X_T:
-                x = tl.trans(x_desc.load([k, off_m]))
-            else:
-                x = x_desc.load([off_m, k])
-            if WG_T:
-                wg = wg_desc.load([k, off_n])
-            else:
-                wg = tl.trans(wg_desc.load([off_n, k]))
-            if WV_T:
-                wv = wv_desc.load([k, off_n])
-            else:
-                wv = tl.trans(wv_desc.load([off_n, k]))
+            x = operand_tile(x_desc, off_m, k, X_T)
+            wg = tl.trans(operand_tile(wg_desc, off_n, k, WG_T))
+            wv = tl.trans(operand_tile(wv_desc, off_n, k, WV_T))
             acc_g = tl.dot(x, wg, acc_g, input_precision=INPUT_PRECISION)
             acc_v = tl.dot(x, wv, acc_v, input_precision=INPUT_PRECISION)
         gates = _column_slices(acc_g, EPILOGUE_SLICES)

@@ -65,6 +65,28 @@ def _epilogue_slice(acc, off_m, off_n, y_desc, z_desc, r_desc, B, S, SEED, ROW_S
 
 
 @triton.jit
+def operand_desc(P, rows, K, stride, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, T: tl.constexpr):
+    """The descriptor of a GEMM operand of ``rows`` × K as it lies in memory: K-major with row stride
+    ``stride``, or with T stored transposed ([K, rows], ``stride`` between its K rows)."""
+    if T:
+        desc = tl.make_tensor_descriptor(P, [K, rows], [stride, 1], [BLOCK_K, BLOCK_R])
+    else:
+        desc = tl.make_tensor_descriptor(P, [rows, K], [stride, 1], [BLOCK_R, BLOCK_K])
+    return desc
+
+
+@triton.jit
+def operand_tile(desc, off, k, T: tl.constexpr):
+    """The [BLOCK_R, BLOCK_K] tile at rows ``off`` and reduction index ``k`` of an ``operand_desc``
+    operand (a transposed one's tile transposed in shared memory)."""
+    if T:
+        tile = tl.trans(desc.load([k, off]))
+    else:
+        tile = desc.load([off, k])
+    return tile
+
+
+@triton.jit
 def _column_halves(acc):
     """The left and right column halves of a [rows, cols] register tile."""
     return tl.split(tl.permute(tl.reshape(acc, (acc.shape[0], 2, acc.shape[1] // 2)), (0, 2, 1)))
@@ -109,14 +131,8 @@ def _linear_tma_kernel(
        the epilogue one after the other.
     """
     SLICE_N: tl.constexpr = BLOCK_N // EPILOGUE_SLICES
-    if X_T:
-        x_desc = tl.make_tensor_descriptor(X, [K, M], [stride_x, 1], [BLOCK_K, BLOCK_M])
-    else:
-        x_desc = tl.make_tensor_descriptor(X, [M, K], [stride_x, 1], [BLOCK_M, BLOCK_K])
-    if W_T:
-        w_desc = tl.make_tensor_descriptor(W, [K, N], [stride_w, 1], [BLOCK_K, BLOCK_N])
-    else:
-        w_desc = tl.make_tensor_descriptor(W, [N, K], [stride_w, 1], [BLOCK_N, BLOCK_K])
+    x_desc = operand_desc(X, M, K, stride_x, BLOCK_M, BLOCK_K, X_T)
+    w_desc = operand_desc(W, N, K, stride_w, BLOCK_N, BLOCK_K, W_T)
     y_desc = tl.make_tensor_descriptor(Y, [M, N], [stride_y, 1], [BLOCK_M, SLICE_N])
     z_desc = y_desc
     r_desc = y_desc
@@ -132,14 +148,8 @@ def _linear_tma_kernel(
         off_n = tile_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            if X_T:
-                x = tl.trans(x_desc.load([k, off_m]))
-            else:
-                x = x_desc.load([off_m, k])
-            if W_T:
-                w = w_desc.load([k, off_n])
-            else:
-                w = tl.trans(w_desc.load([off_n, k]))
+            x = operand_tile(x_desc, off_m, k, X_T)
+            w = tl.trans(operand_tile(w_desc, off_n, k, W_T))  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
         slices = _column_slices(acc, EPILOGUE_SLICES)
         for i in tl.static_range(EPILOGUE_SLICES):
