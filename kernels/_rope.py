@@ -49,6 +49,16 @@ def _table(TAB, tokens, n_tokens, prefix, stride_rn, cols, HEAD_DIM: tl.constexp
 
 
 @triton.jit
+def _rotated(x, xp, dims, partner, TAB, tokens, n_tokens, prefix, stride_rn, HEAD_DIM: tl.constexpr):
+    """x·cos + sign·x_partner·sin of the tile ``x`` [tokens, BLOCK_D] and its partner columns ``xp``,
+    in fp32, rounded once to the dtype of x."""
+    sin = _table(TAB, tokens, n_tokens, prefix, stride_rn, dims, HEAD_DIM, 0.0)
+    cos = _table(TAB + HEAD_DIM, tokens, n_tokens, prefix, stride_rn, dims, HEAD_DIM, 1.0)
+    sign = tl.where(partner > dims, -1.0, 1.0)
+    return (x.to(tl.float32) * cos + sign[None, :] * xp.to(tl.float32) * sin).to(x.dtype)
+
+
+@triton.jit
 def load_rotated(ptrs, ok, TAB, tokens, n_tokens, prefix, stride_rn, dims,
                  HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
     """The [tokens, BLOCK_D] tile at ``ptrs`` (unit column stride, loaded under ``ok``), rotated by the
@@ -58,10 +68,19 @@ def load_rotated(ptrs, ok, TAB, tokens, n_tokens, prefix, stride_rn, dims,
     if ROPE != 0:
         partner = _partner(dims, HEAD_DIM, ROPE)
         xp = tl.load(ptrs + (partner - dims)[None, :], mask=ok, other=0.0)
-        sin = _table(TAB, tokens, n_tokens, prefix, stride_rn, dims, HEAD_DIM, 0.0)
-        cos = _table(TAB + HEAD_DIM, tokens, n_tokens, prefix, stride_rn, dims, HEAD_DIM, 1.0)
-        sign = tl.where(partner > dims, -1.0, 1.0)
-        x = (x.to(tl.float32) * cos + sign[None, :] * xp.to(tl.float32) * sin).to(x.dtype)
+        x = _rotated(x, xp, dims, partner, TAB, tokens, n_tokens, prefix, stride_rn, HEAD_DIM)
+    return x
+
+
+@triton.jit
+def rotate_tile(x, tokens, TAB, n_tokens, prefix, stride_rn, HEAD_DIM: tl.constexpr, ROPE: tl.constexpr):
+    """``load_rotated`` for a tile already loaded (a descriptor's [tokens, BLOCK_D] box, zeros past
+    the head size): the partner columns come from the tile itself by ``tl.gather``."""
+    if ROPE != 0:
+        dims = tl.arange(0, x.shape[1])
+        partner = _partner(dims, HEAD_DIM, ROPE)
+        xp = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), 1)
+        x = _rotated(x, xp, dims, partner, TAB, tokens, n_tokens, prefix, stride_rn, HEAD_DIM)
     return x
 
 

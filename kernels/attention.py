@@ -22,6 +22,10 @@ gradient, or SDPA-layout tensors. N_Q may differ from N_KV (cross-attention; att
 keys 0..i), and when N_Q fits 16 rows the kernels take 16-row query tiles (``_configs``), so one
 query does not fill a 128-row tile with padding.
 
+Forward launches that ``attention_resident.takes`` (16-bit, unmasked, no dropout, K and V of a head
+within shared memory, sm_90) run ``attention_resident``'s kernel instead: a head's K and V loaded once
+and kept on chip while its query tiles pass. ``routes()`` says which forward each launch key ran.
+
 Rotary position embedding (``_rope.py``, timm's 2-D RoPE, N_Q = N_KV): with ROPE set, every kernel
 rotates the q and k tiles as it loads them (partner columns through permuted indices, sin | cos
 rows of the table), so no rotated copy exists; the backward kernels take their gradients with
@@ -38,13 +42,13 @@ dropout. Without DROPOUT the seed is never loaded and no extra work is done.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _configs, _select
+from . import _configs, _select, attention_resident
 from ._launch import launch
 from ._random import ATTENTION, keep
 from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate
@@ -54,6 +58,9 @@ HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 
 # Mask kinds (constexpr): what a mask element means.
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
+
+# (device, launch key) -> (forward kernel, its config, why not the resident kernel) of the latest launch.
+ran: dict[tuple[int, _configs.AttentionKey], tuple[_select.Kernel, triton.Config, str | None]] = {}
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -402,13 +409,28 @@ ATTENTION_DQ = _select.kernel("attention_bwd_dq", _attention_bwd_dq_kernel, _con
 
 
 def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, tile: str, n: int, programs_per_tile: int,
-            args: tuple, meta: dict) -> None:
-    """Launch cdiv(n, tile) · programs_per_tile programs in the config chosen for ``key``."""
+            args: tuple, meta: dict) -> triton.Config:
+    """Launch cdiv(n, tile) · programs_per_tile programs in the config chosen for ``key``; returns it."""
     def run(cfg: triton.Config) -> None:
         launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args,
                {**meta, **_select.tile_meta(cfg)})
 
-    run(_select.config(kernel, args[0].get_device(), key, run))
+    cfg = _select.config(kernel, args[0].get_device(), key, run)
+    run(cfg)
+    return cfg
+
+
+def routes() -> list[dict]:
+    """Which forward each attention launch key met in this process ran last: the device, the key
+    (``_configs.key_text``), the kernel and its config, and for the general kernel why the resident
+    one did not take it."""
+    out = []
+    for (device, key), (kernel, cfg, why) in list(ran.items()):  # another thread may be launching
+        row = {"device": device, "key": _configs.key_text(key), "kernel": kernel.name, "config": _select.tile_meta(cfg)}
+        if why is not None:
+            row["reason"] = why
+        out.append(row)
+    return out
 
 
 def _key(B: int, H: int, N_Q: int, N_KV: int, d: int, dtype: torch.dtype, meta: dict) -> _configs.AttentionKey:
@@ -520,11 +542,29 @@ def attention_fwd(
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
     rope_args, prefix, rope_meta = _rope_args(rope, lse)
     (seed_arg, *drop_scalars), drop_meta = _dropout_args(dropout_p, seed, lse)
-    args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], seed_arg, *_strides(q, k, v, o), *mask_args[2:],
-            *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
     meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta,
                 **drop_meta)
-    _launch(ATTENTION_FWD, _key(B, H, N_Q, N_KV, d, q.dtype, meta), "BLOCK_M", N_Q, B * H, args, meta)
+    key = _key(B, H, N_Q, N_KV, d, q.dtype, meta)
+    why = attention_resident.takes(q, k, v, o, key)
+    if why is None:
+        run = attention_resident.launcher(q, k, v, o, lse, rope_args, prefix, scale, meta)
+        cfg = _select.config(attention_resident.ATTENTION_RESIDENT, q.get_device(), key, run)
+        run(cfg)
+        ran[q.get_device(), key] = (attention_resident.ATTENTION_RESIDENT, cfg, None)
+        return
+    args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], seed_arg, *_strides(q, k, v, o), *mask_args[2:],
+            *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
+    ran[q.get_device(), key] = (ATTENTION_FWD, _launch(ATTENTION_FWD, key, "BLOCK_M", N_Q, B * H, args, meta), why)
+
+
+def resident_launcher(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                      scale: float, is_causal: bool = False, rope: Rope | None = None
+                      ) -> Callable[[triton.Config], None]:
+    """The resident kernel's launch of ``attention_fwd``'s arguments (no masks, no dropout) as a function
+    of the config, whether or not the route would take it: for instruments that time its candidates."""
+    rope_args, prefix, rope_meta = _rope_args(rope, lse)
+    meta = dict(HEAD_DIM=q.shape[3], IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(q.shape[3]), **rope_meta)
+    return attention_resident.launcher(q, k, v, o, lse, rope_args, prefix, scale, meta)
 
 
 def attention_bwd(

@@ -30,7 +30,7 @@ from torch import Tensor  # noqa: E402
 
 from vitfast.bench import host_driver, host_models  # noqa: E402
 
-SHAPE = host_models.Shape(width=64, depth=2, heads=2, img_size=32, patch=16)
+SHAPE = host_models.Shape(width=64, depth=2, heads=2, img_size=32, patch=8)  # 17 tokens: the resident attention
 
 
 def _launches(drv, model, x) -> list:

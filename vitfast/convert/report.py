@@ -32,7 +32,21 @@ class Report:
             lines.append(f"  GEMM sites launched in this process: {len(sites)}")
             lines += [f"    {row['tactic']:<6} {row['key']}" + (f" ({row['kernel']} {row['config']})" if 'kernel' in row else "")
                       for row in sites]
+        routes = self.attention_routes()
+        if routes:
+            lines.append(f"  attention forwards launched in this process: {len(routes)}")
+            lines += [f"    {row['kernel']} {row['key']} ({row['config']})" + (f": {row['reason']}" if "reason" in row else "")
+                      for row in routes]
         return "\n".join(lines)
+
+    @staticmethod
+    def attention_routes() -> list[dict]:
+        """The forward each attention launch key met so far in this process runs, one row per key
+        (``kernels/attention.py``'s ``routes``): "attention_resident_fwd" (a head's K and V held on
+        chip) or the general "attention_fwd" with the reason the resident kernel did not take it,
+        each with its config. Empty where no attention was launched (nor Triton installed)."""
+        attention = sys.modules.get("vitfast.kernels.attention")  # imported by the first launch
+        return [] if attention is None else attention.routes()
 
     @staticmethod
     def gemm_sites() -> list[dict]:
