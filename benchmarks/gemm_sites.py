@@ -17,21 +17,22 @@ M = 197 × batch in bf16, with the epilogue of inference:
 Times are ``triton.testing.do_bench``'s (ms, L2 flushed between runs), in one process, one after the
 other; each site's row is written as soon as it is done, so a run cut short by ``--budget`` (or a
 timeout) keeps what it measured. Every launch runs its rule's config and tactic: the script reads no
-tuned-picks file. Needs a CUDA GPU; the descriptor kernel needs sm_90.
+tuned-picks file. ``--section`` writes the document under that key of the JSON file, beside what other
+scripts wrote there (the GPU suite brings back at most eight files). Needs a CUDA GPU; the descriptor
+kernel needs sm_90.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from vitfast.bench import gemm_sites
+from vitfast.bench.results import save_section, timed_rows
 
 
 def _bench(fn) -> float:
@@ -97,9 +98,18 @@ def site_row(launch, dtype: torch.dtype, device: str = "cuda", bench=_bench) -> 
     return row
 
 
+def _line(row: dict) -> str:
+    s = row["summary"]
+    return (f"cuBLAS mm {row['cublas_mm_ms']:.4f} ms ({s['cublas_tflops']:.0f} TFLOP/s), cuBLAS+epilogue "
+            f"{row['cublas_epilogue_ms']:.4f}, pointer {row['pointer_ms']:.4f}, descriptor rule "
+            f"{s['rule_descriptor_ms']}, best {s['best_descriptor_ms']} (cuBLAS mm / best: {s['best_vs_cublas_mm']}), "
+            f"faster tactic {s['faster_tactic']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    p.add_argument("--section", default=None, help="write the document under this key of the JSON file")
     p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=list(gemm_sites.MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--sites", nargs="+", default=list(gemm_sites.SITES), choices=list(gemm_sites.SITES))
@@ -114,27 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     # The rules' configs and tactics, never a tuned pick: the pointer column is the pointer kernel's rule.
     os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")
     _select.reset()
-    start = time.perf_counter()
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "dtype": "bfloat16", "rows": [], "skipped": []}
     todo = list(gemm_sites.launches(a.models, a.batch, sites=a.sites, variants=["inference"]))
-    for launch in todo:
-        if time.perf_counter() - start > a.budget:
-            doc["skipped"].append(launch.name)
-            continue
-        t0 = time.perf_counter()
-        row = site_row(launch, torch.bfloat16)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        doc["rows"].append(row)
-        s = row["summary"]
-        print(f"{launch.name}: cuBLAS mm {row['cublas_mm_ms']:.4f} ms ({s['cublas_tflops']:.0f} TFLOP/s), "
-              f"cuBLAS+epilogue {row['cublas_epilogue_ms']:.4f}, pointer {row['pointer_ms']:.4f}, descriptor rule "
-              f"{s['rule_descriptor_ms']}, best {s['best_descriptor_ms']} (cuBLAS mm / best: "
-              f"{s['best_vs_cublas_mm']}), faster tactic {s['faster_tactic']} [{row['seconds']} s]", flush=True)
-        a.json.write_text(json.dumps(doc, indent=1))
-    a.json.write_text(json.dumps(doc, indent=1))
-    print(f"{len(doc['rows'])} sites timed, {len(doc['skipped'])} left for the budget, "
-          f"{time.perf_counter() - start:.0f} s")
+    timed_rows(todo, a.budget, doc, lambda launch: site_row(launch, torch.bfloat16), _line,
+               lambda: save_section(a.json, a.section, doc))
     return 0
 
 

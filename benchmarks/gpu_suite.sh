@@ -27,7 +27,8 @@
 #
 # OUT_DIR receives at most eight files (what the device tool returns): suite.log (every step's
 # output, then a summary of exit codes), failures.log, kernels.json, kernels-rope-glu.json,
-# gemm-sites.json, and the bench's <gpu>-<date>.json/.csv/.png.
+# shapes.json (the gemm-sites and attention-shapes steps, one section each), and the bench's
+# <gpu>-<date>.json/.csv/.png.
 # A failing step does not stop the suite; the exit status is non-zero when any step failed.
 set -uo pipefail
 
@@ -50,7 +51,7 @@ export VITFAST_FAILURE_LOG="$out/failures.log"  # read by tests/conftest.py
 selected="${VITFAST_SUITE_STEPS:-all}"
 chosen() { [[ $selected == all || " $selected " == *" $1 "* || $1 =~ ^(gpu-info|versions|install|wheels)$ ]]; }
 chosen bench || bench_reserve=0
-steps="gpu-tests check memcheck warm profile gemm-sites kernel-benchmarks kernel-benchmarks-rope-glu tests bench"
+steps="gpu-tests check memcheck warm profile gemm-sites attention-shapes kernel-benchmarks kernel-benchmarks-rope-glu tests bench"
 for s in $selected; do  # a misspelt name would otherwise run nothing and pass
     [[ $s == all || " $steps " == *" $s "* ]] || { echo "VITFAST_SUITE_STEPS: no step '$s' (steps: $steps)"; exit 2; }
 done
@@ -145,7 +146,17 @@ step profile 45 "$py" benchmarks/profile_vit.py --batch 64 --baseline --rows 15 
 # rows it reaches are kept); selected on its own (VITFAST_SUITE_STEPS=gemm-sites) it gets 300 s.
 gemm_limit=120
 [[ $selected == gemm-sites ]] && gemm_limit=300
-step gemm-sites "$gemm_limit" "$py" benchmarks/gemm_sites.py --json "$out/gemm-sites.json" --budget $((gemm_limit - 40))
+step gemm-sites "$gemm_limit" "$py" benchmarks/gemm_sites.py --json "$out/shapes.json" --section gemm_sites \
+    --budget $((gemm_limit - 40))
+
+# Each ViT attention shape (ViT-S/B/L, ViT-L/14, ViT-B/16 at 384, EVA02-B with RoPE, SigLIP-So400m) at
+# batch 1, 32 and 256: the resident-K/V forward's candidates, the general kernel and SDPA's flash, cuDNN
+# and memory-efficient backends, beside the traffic bound (issue 32). 90 s within the whole suite;
+# selected on its own (VITFAST_SUITE_STEPS=attention-shapes) it gets 180 s.
+attention_limit=90
+[[ $selected == attention-shapes ]] && attention_limit=180
+step attention-shapes "$attention_limit" "$py" benchmarks/attention_shapes.py --json "$out/shapes.json" \
+    --section attention_shapes --budget $((attention_limit - 30))
 
 # pytest exits 5 when it collects nothing; that is no failure of the suite (a -k selection may empty it).
 # The benchmarks of the rotary attention, short-query attention and gated GEMM (issue 16) run in a step

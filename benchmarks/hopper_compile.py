@@ -4,6 +4,7 @@
     python benchmarks/hopper_compile.py --batch 1 32 256    # ... at these batch sizes (default 256)
     python benchmarks/hopper_compile.py --all               # every candidate that tuning would measure
     python benchmarks/hopper_compile.py --vit-sites --json PATH   # each ViT GEMM site's pick, as the JIT specializes it
+    python benchmarks/hopper_compile.py --vit-attention --json PATH   # each ViT attention shape's forward route and pick
 
 The interpreter proves what the kernels compute; this proves the installed Triton turns them into
 sm_90 code (wgmma where the tiles allow it) in the configs the rules pick, and that each fits the
@@ -44,6 +45,7 @@ def variants() -> list[Variant]:
 
     from vitfast.kernels import _configs as C
     from vitfast.kernels import attention as A
+    from vitfast.kernels import attention_resident as AR
     from vitfast.kernels import gated_linear as G
     from vitfast.kernels import layer_norm as LN
     from vitfast.kernels import linear as L
@@ -151,6 +153,16 @@ def variants() -> list[Variant]:
                            floats=("qk_scale", "sm_scale", *drop)))
         out.append(Variant(f"attention bwd dQ {label}", A.ATTENTION_DQ, bwd, consts, attention_key,
                            floats=("qk_scale", "sm_scale", *drop)))
+    # The resident-K/V forward (kernels/attention_resident.py): ViT-B's 197 tokens in one pass, 257 in
+    # chunks with RoPE, and a head size that pads to 128 columns, causal.
+    for d, causal, rope, n in ((64, False, 0, 197), (64, False, 2, 257), (80, True, 0, 257)):
+        def resident_key(batch, d=d, causal=causal, rope=rope, n=n):
+            return C.AttentionKey(triton.next_power_of_2(batch * 12), n, n, d, torch.bfloat16, 0, 0, causal, rope, False)
+        label = f"d={d} N={n}{' causal' if causal else ''}{f' rope={rope}' if rope else ''}"
+        out.append(Variant(f"attention resident fwd {label}", AR.ATTENTION_RESIDENT,
+                           dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, TAB=f32),
+                           dict(HEAD_DIM=d, IS_CAUSAL=causal, ROPE=rope, BLOCK_D=1 << (d - 1).bit_length()),
+                           resident_key, floats=("qk_scale",)))
     out.append(Variant("attention bwd delta d=64", A._attention_bwd_delta_kernel,
                        dict(O=bf, DO=bf, DLSE=f32, DELTA=f32), dict(HEAD_DIM=64, HAS_DLSE=True, BLOCK_D=64),
                        config=dict(BLOCK_M=64, num_warps=4, num_stages=1)))
@@ -182,7 +194,8 @@ def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, ca
     from triton.runtime.jit import JITFunction
 
     fn = v.kernel if isinstance(v.kernel, JITFunction) else v.kernel.fn  # the _select.Kernel's JITFunction
-    constexprs = {**v.constexprs, **tiles}
+    # A config's launch arguments that are no constexprs (the resident attention's GROUPS) stay integers.
+    constexprs = {k: x for k, x in {**v.constexprs, **tiles}.items() if k in {p.name for p in fn.params if p.is_constexpr}}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -206,22 +219,31 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: every ViT GEMM site and epilogue variant (vitfast/bench/gemm_sites.py) at the "
                         "batch sizes given, compiled through the stand-in driver as the JIT specializes it: "
                         "the rule's kernel and config, registers, spills, shared memory, TMA, wgmma")
+    p.add_argument("--vit-attention", action="store_true",
+                   help="instead: every ViT attention shape (vitfast/bench/attention_shapes.py) at the batch sizes "
+                        "given, compiled through the stand-in driver as the JIT specializes it: the forward its "
+                        "route takes (and why, for the general kernel), its config, registers, spills, shared "
+                        "memory, TMA, wgmma, beside the general kernel's")
+    p.add_argument("--shapes", nargs="+", default=None, help="--vit-attention: shapes (default: all)")
     p.add_argument("--models", nargs="+", default=None,
                    help="--vit-sites: models (default: ViT-S/B/L/H and EVA02-B's SwiGLU fc1)")
-    p.add_argument("--variants", nargs="+", default=None, help="--vit-sites: variants (default: all)")
+    p.add_argument("--variants", nargs="+", default=None, help="--vit-sites, --vit-attention: variants (default: all)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="--vit-sites: the operands' dtype (default bfloat16)")
     p.add_argument("--tf32", action="store_true",
                    help="--vit-sites: allow TF32 (torch.backends.cuda.matmul.allow_tf32), as fp32 GEMMs need "
                         "for the descriptor kernel")
-    p.add_argument("--json", type=Path, default=None, help="--vit-sites: write the table here")
+    p.add_argument("--json", type=Path, default=None, help="--vit-sites, --vit-attention: write the table here")
     p.add_argument("--markdown", type=Path, default=None,
-                   help="--vit-sites: write the table here as Markdown, one line per site and variant")
+                   help="--vit-sites, --vit-attention: write the table here as Markdown, one line per site (shape) "
+                        "and variant")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter has no compiler to check")
     if a.vit_sites:
         return vit_sites(a)
+    if a.vit_attention:
+        return vit_attention(a)
     import triton
 
     print(f"triton {triton.__version__}, target sm_90", flush=True)
@@ -249,36 +271,97 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures or not count else 0
 
 
-def vit_sites(a: argparse.Namespace) -> int:
-    """``--vit-sites``: print and save the static table; fail when a pick misses the target (no spill,
-    TMA and wgmma on the descriptor kernel)."""
+def _static_report(a: argparse.Namespace, table: list[dict], meets, describe, totals: str, markdown) -> int:
+    """Print each row of a static table (``describe(row)``, marked by ``meets(row)``) and ``totals``
+    with the misses counted, write the JSON and Markdown asked for; 1 when a row misses the target."""
     import json
 
     import triton
 
+    misses = 0
+    for row in table:
+        ok = meets(row)
+        misses += not ok
+        print(f"{'ok  ' if ok else 'MISS'} {describe(row)}", flush=True)
+    print(totals.format(met=len(table) - misses, rows=len(table)))
+    if a.json:
+        a.json.write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": table}, indent=1))
+    if a.markdown:
+        a.markdown.write_text(markdown(table, a.batch))
+    return 1 if misses else 0
+
+
+def vit_sites(a: argparse.Namespace) -> int:
+    """``--vit-sites``: print and save the static table; fail when a pick misses the target (no spill,
+    TMA and wgmma on the descriptor kernel)."""
     from vitfast.bench import gemm_sites
 
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
     t0 = time.perf_counter()
     table = gemm_sites.static_table(a.models or [*gemm_sites.MODELS, *gemm_sites.GATED], a.batch,
                                     a.variants or list(gemm_sites.VARIANTS), getattr(torch, a.dtype))
-    misses = 0
-    for row in table:
-        ok = gemm_sites.meets_target(row)
-        misses += not ok
+
+    def describe(row: dict) -> str:
         before = row["pointer"]
-        print(f"{'ok  ' if ok else 'MISS'} {row['model']} b{row['batch']} {row['site']} {row['variant']}: "
-              f"{row.get('kernel')} {row.get('config')} regs {row.get('registers')} spill {row.get('spilled_bytes')} "
-              f"smem {row.get('dynamic_shared_bytes')} tma {row.get('tma')} wgmma {row.get('wgmma')} | pointer kernel: "
-              f"regs {before.get('registers')} spill {before.get('spilled_bytes')} tma {before.get('tma')}",
-              flush=True)
-    print(f"{len(table) - misses} of {len(table)} picks without spills, on TMA and wgmma "
-          f"({time.perf_counter() - t0:.0f} s)")
-    if a.json:
-        a.json.write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": table}, indent=1))
-    if a.markdown:
-        a.markdown.write_text(_markdown(table, a.batch))
-    return 1 if misses else 0
+        return (f"{row['model']} b{row['batch']} {row['site']} {row['variant']}: {row.get('kernel')} {row.get('config')} "
+                f"regs {row.get('registers')} spill {row.get('spilled_bytes')} smem {row.get('dynamic_shared_bytes')} "
+                f"tma {row.get('tma')} wgmma {row.get('wgmma')} | pointer kernel: regs {before.get('registers')} "
+                f"spill {before.get('spilled_bytes')} tma {before.get('tma')}")
+
+    return _static_report(a, table, gemm_sites.meets_target, describe,
+                          f"{{met}} of {{rows}} picks without spills, on TMA and wgmma ({time.perf_counter() - t0:.0f} s)",
+                          _markdown)
+
+
+def vit_attention(a: argparse.Namespace) -> int:
+    """``--vit-attention``: print and save the static table; fail when a resident pick misses the target
+    (no spill, TMA and wgmma)."""
+    from vitfast.bench import attention_shapes
+
+    t0 = time.perf_counter()
+    table = attention_shapes.static_table(a.shapes or list(attention_shapes.SHAPES), a.batch,
+                                          a.variants or list(attention_shapes.VARIANTS), getattr(torch, a.dtype))
+
+    def describe(row: dict) -> str:
+        general = row["general"]
+        why = f" ({row['reason']})" if "reason" in row else ""
+        return (f"{row['shape']} b{row['batch']} {row['variant']}: {row['kernel']} {row['config']} regs "
+                f"{row['registers']} spill {row['spilled_bytes']} smem {row['dynamic_shared_bytes']} tma {row['tma']} "
+                f"wgmma {row['wgmma']}{why} | general kernel: {general['config']} regs {general['registers']} "
+                f"spill {general['spilled_bytes']}")
+
+    resident = sum(row["kernel"] == "_attention_resident_fwd_kernel" for row in table)
+    return _static_report(a, table, attention_shapes.meets_target, describe,
+                          f"{resident} of {{rows}} launches on the resident kernel, {{met}} meet the target "
+                          f"({time.perf_counter() - t0:.0f} s)", _attention_markdown)
+
+
+def _attention_markdown(table: list[dict], batches: list[int]) -> str:
+    """One line per (shape, variant): per batch size the route's pick (query rows, chunks × keys,
+    programs per head, warps), registers, spilled bytes, shared memory; then the general kernel's
+    registers and spilled bytes at the largest batch."""
+    def pick(r: dict) -> str:
+        c = r["config"]
+        if "reason" in r:
+            return f"general {c['BLOCK_M']}×{c['BLOCK_N']} w{c['num_warps']}: {r['registers']} r, {r['spilled_bytes']} B"
+        return (f"{c['BLOCK_M']} × {c['KV_CHUNKS']}·{c['BLOCK_KV']} g{c['GROUPS']} w{c['num_warps']}: {r['registers']} r, "
+                f"{r['spilled_bytes']} B, {r['dynamic_shared_bytes'] // 1024} KiB")
+
+    by_line: dict[tuple, dict[int, dict]] = {}
+    for r in table:
+        by_line.setdefault((r["shape"], r["variant"]), {})[r["batch"]] = r
+    head = ["shape", "H × N × d", "variant", *[f"batch {b}" for b in batches],
+            f"general kernel at batch {batches[-1]}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for (shape, variant), rows in by_line.items():
+        last = rows[batches[-1]]
+        general = last["general"]
+        cells = [shape, f"{last['heads']} × {last['tokens']} × {last['head_dim']}", variant,
+                 *[pick(rows[b]) for b in batches],
+                 f"{general['config']['BLOCK_M']}×{general['config']['BLOCK_N']} w{general['config']['num_warps']}: "
+                 f"{general['registers']} r, {general['spilled_bytes']} B"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _markdown(table: list[dict], batches: list[int]) -> str:

@@ -3,6 +3,7 @@
     python benchmarks/roofline.py                       # ViT-B/16, 224 px, bf16, batch 256, H100 peaks
     python benchmarks/roofline.py --model vit_large --batch 32 --matmul-tflops 790 --copy-gbs 4300
     python benchmarks/roofline.py --gemm-sites --batch 1 32 256 --matmul-tflops 649   # fused against cuBLAS + epilogue
+    python benchmarks/roofline.py --attention-shapes --batch 1 32 256 --copy-gbs 2999  # each attention shape's bound
 
 Bytes are the compulsory HBM traffic of vitfast's fused schedule (each operand read once, each
 result written once; weights once per launch), so ``max(flops / matmul peak, bytes / copy peak)``
@@ -138,12 +139,48 @@ def site_table(model: str, batches: list[int], elem: int, tflops: float, gbs: fl
     return "\n".join(lines)
 
 
+def attention_table(batches: list[int], elem: int, tflops: float, gbs: float) -> str:
+    """Each ViT attention shape (``vitfast/bench/attention_shapes.py``), one forward launch: its counted
+    FLOPs (4·B·H·N²·d) and compulsory bytes (Q, K, V read once, O and the fp32 log-sum-exp written once),
+    the bound at ``tflops`` and ``gbs``, and what the sm_90 route runs: the resident kernel's padded work
+    (query tiles × chunks of keys × head size padded to a power of two, as a multiple of N²·d) or the
+    general kernel."""
+    import triton
+
+    from vitfast.bench import attention_shapes
+    from vitfast.kernels import _resident_configs
+    from vitfast.kernels._configs import AttentionKey
+
+    lines = ["| shape | H × N × d | batch | GFLOP | MB | FLOP/byte | bound ms | bound by | sm_90 route | padded work |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    for launch in attention_shapes.launches(list(attention_shapes.SHAPES), batches, ["inference"]):
+        n = launch.tokens
+        op = Op(launch.name, 1, launch.flops, launch.bytes(elem))
+        key = AttentionKey(triton.next_power_of_2(launch.batch * launch.heads), n, n, launch.head_dim,
+                           torch.bfloat16 if elem == 2 else torch.float32, 0, 0, False, 0, False)
+        why = _resident_configs.reason(key)
+        if why is None:
+            c = _resident_configs.rule(90, key).kwargs
+            rows = triton.cdiv(n, c["BLOCK_M"]) * c["BLOCK_M"]
+            route = f"resident {c['BLOCK_M']} × {c['KV_CHUNKS']}·{c['BLOCK_KV']}, {c['GROUPS']} per head"
+            block_d = triton.next_power_of_2(launch.head_dim)
+            padded = f"{rows * c['KV_CHUNKS'] * c['BLOCK_KV'] * block_d / (n ** 2 * launch.head_dim):.2f}×"
+        else:
+            route, padded = f"general ({why})", ""
+        lines.append(f"| {launch.shape} | {launch.heads} × {n} × {launch.head_dim} | {launch.batch} | "
+                     f"{op.flops / 1e9:,.2f} | {op.bytes / 1e6:,.1f} | {op.flops / op.bytes:.0f} | "
+                     f"{op.bound_ms(tflops, gbs):.4f} | {op.limiter(tflops, gbs)} | {route} | {padded} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base", choices=sorted(reference.CONFIGS))
-    p.add_argument("--batch", type=int, nargs="+", default=[256], help="one batch size (with --gemm-sites, several)")
+    p.add_argument("--batch", type=int, nargs="+", default=[256], help="one batch size (with --gemm-sites or --attention-shapes, several)")
     p.add_argument("--gemm-sites", action="store_true",
                    help="instead: each GEMM site of one block, fused against cuBLAS and a separate epilogue")
+    p.add_argument("--attention-shapes", action="store_true",
+                   help="instead: each ViT attention shape's forward, its traffic bound and the sm_90 route's tiles")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--bytes-per-element", type=int, default=2, help="2 for bf16/fp16, 4 for fp32")
     p.add_argument("--matmul-tflops", type=float, default=780.0)
@@ -154,8 +191,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{a.matmul_tflops:.0f} TFLOP/s, {a.copy_gbs:.0f} GB/s\n")
         print(site_table(a.model, a.batch, a.bytes_per_element, a.matmul_tflops, a.copy_gbs))
         return
+    if a.attention_shapes:
+        print(f"attention forwards, {a.bytes_per_element}-byte elements; peaks {a.matmul_tflops:.0f} TFLOP/s, "
+              f"{a.copy_gbs:.0f} GB/s\n")
+        print(attention_table(a.batch, a.bytes_per_element, a.matmul_tflops, a.copy_gbs))
+        return
     if len(a.batch) != 1:
-        p.error("--batch takes one batch size without --gemm-sites")
+        p.error("--batch takes one batch size without --gemm-sites or --attention-shapes")
     a.batch = a.batch[0]
     ops = vit_ops(a.model, a.batch, a.img_size, a.bytes_per_element)
     print(f"{a.model}, {a.img_size} px, batch {a.batch}, {a.bytes_per_element}-byte elements; peaks "

@@ -85,6 +85,26 @@ def _measure(run: _Run, impl: Impl, batch: int, training: bool) -> dict:
         return measure_row(impl, x, run.timer)
 
 
+# Row fields -> (kernels module, its record of what each launch key ran, the function listing it).
+_RECORDS = {"gemm_sites": ("vitfast.kernels.gemm_tactic", "ran", "chosen"),
+            "attention_routes": ("vitfast.kernels.attention", "ran", "routes")}
+
+
+def _launch_records(clear: bool = False) -> dict:
+    """What the kernels recorded about the launches since the last clear: the tactic of each GEMM site
+    and the forward of each attention key, from modules imported by a launch (none without Triton)."""
+    out = {}
+    for field, (module, record, listing) in _RECORDS.items():
+        kernels = sys.modules.get(module)
+        if kernels is None:
+            continue
+        if clear:
+            getattr(kernels, record).clear()
+        elif getattr(kernels, record):
+            out[field] = getattr(kernels, listing)()
+    return out
+
+
 def _model_pass(run: _Run, name: str, mode: str, batches: list[int], impls: list[str]) -> int:
     """One model's rows in one mode, every implementation at every batch; the number of failed rows."""
     cfg, training = run.cfg, mode == MODE_TRAIN
@@ -122,16 +142,12 @@ def _model_pass(run: _Run, name: str, mode: str, batches: list[int], impls: list
                               f"time budget of {cfg.budget_s:.0f} s spent")
             else:
                 row = run.row(name, impl_name, impl.label, batch, mode)
-                gemm_tactic = sys.modules.get("vitfast.kernels.gemm_tactic")  # there once a GEMM launched
-                if gemm_tactic is not None:
-                    gemm_tactic.ran.clear()
+                _launch_records(clear=True)
                 try:
                     row.update(_measure(run, impl, batch, training), setup_s=impl.setup_s)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at one batch size
                     row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300])
-                gemm_tactic = sys.modules.get("vitfast.kernels.gemm_tactic")
-                if gemm_tactic is not None and gemm_tactic.ran:  # which tactic each GEMM site ran (JSON only)
-                    row["gemm_sites"] = gemm_tactic.chosen()
+                row.update(_launch_records())  # which tactic each GEMM site, route each attention ran (JSON only)
                 release_memory(cfg.device)
             failed += row["status"] == "failed"
             run.record["rows"].append(row)

@@ -15,7 +15,7 @@ from .host_driver import DEVICE, LoadedKernel, StandInDriver
 
 # The launch configuration among a kernel's constexprs (the rest are its feature flags and the JIT's
 # specializations, e.g. a unit stride).
-_TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "GROUP_M")
+_TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "GROUP_M", "BLOCK_KV", "KV_CHUNKS")
 
 
 def _ptx(kernel: LoadedKernel) -> str:

@@ -99,3 +99,35 @@ def format_table(rows: list[dict], baselines: list[str], markdown: bool = False)
     widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
                      for line in [headers, ["-" * w for w in widths], *body])
+
+
+def save_section(path: Path, section: str | None, doc: dict) -> None:
+    """Write ``doc`` to the JSON file ``path``; with ``section``, as that key of the object the file holds
+    (kept with its other keys), so that several GPU scripts can share one of the few files a GPU run
+    brings back."""
+    if section is not None:
+        held = json.loads(path.read_text()) if path.exists() else {}
+        doc = {**held, section: doc}
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def timed_rows(todo: list, budget_s: float, doc: dict, measure, describe, save) -> None:
+    """A GPU script's loop: for each item of ``todo`` (an object with a ``name``), ``measure(item)`` its
+    row, stamp the row's seconds, append it to ``doc["rows"]``, print ``describe(row)`` and ``save()``,
+    so that a run cut short keeps what it measured; items reached after ``budget_s`` seconds go to
+    ``doc["skipped"]``."""
+    import time
+
+    start = time.perf_counter()
+    for item in todo:
+        if time.perf_counter() - start > budget_s:
+            doc["skipped"].append(item.name)
+            continue
+        t0 = time.perf_counter()
+        row = measure(item)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        doc["rows"].append(row)
+        print(f"{item.name}: {describe(row)} [{row['seconds']} s]", flush=True)
+        save()
+    save()
+    print(f"{len(doc['rows'])} timed, {len(doc['skipped'])} left for the budget, {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,156 @@
+"""Each ViT attention shape's forward timed on a GPU, every way it could run, side by side; JSON out.
+
+    python benchmarks/attention_shapes.py --json OUT/attention-shapes.json      # every shape, batch 1, 32, 256
+    python benchmarks/attention_shapes.py --json F --shapes vit_b16_224 --batch 256 --budget 60
+
+For each launch of ``vitfast/bench/attention_shapes.py`` (ViT-S/B/L, ViT-L/14, ViT-B/16 at 384, EVA02-B
+with and without RoPE, SigLIP-So400m at 224 and 384) in bf16, q, k and v views of one packed QKV buffer:
+
+* ``route``: what ``kernels.attention.attention_fwd`` runs, the resident-K/V kernel
+  (``kernels/attention_resident.py``) in its rule's config or the general kernel, and why;
+* ``resident``: every candidate config of the resident kernel that tuning would measure, the rule's
+  pick marked (where the route takes the shape);
+* ``general_ms``: the general FlashAttention-2 kernel in its rule's config, what ran before;
+* ``sdpa_flash_ms``, ``sdpa_cudnn_ms``, ``sdpa_efficient_ms``: ``F.scaled_dot_product_attention`` held
+  to each backend (None, with the error, where a backend does not take the shape; RoPE rows rotate
+  nothing for SDPA, so they compare the kernels only);
+* the traffic bound: the compulsory bytes (Q, K, V read once, O and the log-sum-exp written once) at
+  the device-copy bandwidth measured at the start of the same run, beside each time.
+
+Times are ``triton.testing.do_bench``'s (ms, L2 flushed between runs), in one process; each row is
+written as soon as it is done, so a run cut short by ``--budget`` (or a timeout) keeps what it
+measured. Every launch runs its rule's config: the script reads no tuned-picks file. ``--section``
+writes the document under that key of the JSON file, beside what other scripts wrote there (the GPU
+suite brings back at most eight files). Needs a CUDA GPU; the resident kernel needs sm_90.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitfast.bench import attention_shapes
+from vitfast.bench.results import save_section, timed_rows
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40))
+
+
+def _sdpa_backends() -> dict:
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def shape_row(launch, dtype: torch.dtype, copy_gbs: float | None, device: str = "cuda", bench=_bench,
+              backends: dict | None = None) -> dict:
+    """Time every way of running ``launch`` (an ``attention_shapes.Launch``) with ``bench`` (a function of
+    a launch, its ms); tests run it in the interpreter with a fake timer and no SDPA backends."""
+    from torch.nn.attention import sdpa_kernel
+
+    from vitfast.kernels import _precompile, _resident_configs, attention, attention_resident
+    from vitfast.kernels._tuning import interpreting
+
+    t = attention_shapes.tensors(launch, dtype, device, fill=True)
+    row = {"shape": launch.shape, "batch": launch.batch, "variant": launch.variant, "heads": launch.heads,
+           "tokens": launch.tokens, "head_dim": launch.head_dim, "flops": launch.flops, "bytes": launch.bytes(),
+           "resident": []}
+    attention.ran.clear()
+    attention.attention_fwd(**t)
+    row["route"] = attention.routes()[0]
+    if "reason" not in row["route"]:
+        key = next(iter(attention.ran))[1]
+        run = attention.resident_launcher(t["q"], t["k"], t["v"], t["o"], t["lse"], t["scale"], rope=t["rope"])
+        candidates = _resident_configs.candidates(key)
+        rule = _resident_configs.rule(90, key)
+        if not interpreting():
+            with _precompile.compiling():
+                for c in candidates:
+                    run(c)
+        for c in candidates:
+            try:
+                ms = bench(lambda: run(c))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
+                ms = None
+                row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {e}"[:300])
+            row["resident"].append({"config": {**c.kwargs, "num_warps": c.num_warps}, "rule": c.kwargs == rule.kwargs
+                                    and c.num_warps == rule.num_warps, "ms": ms})
+    takes = attention_resident.takes
+    attention_resident.takes = lambda *args: "timing the general kernel"
+    try:
+        row["general_ms"] = bench(lambda: attention.attention_fwd(**t))
+    finally:
+        attention_resident.takes = takes
+    q, k, v = t["q"], t["k"], t["v"]
+    for name, backend in (backends if backends is not None else _sdpa_backends()).items():
+        try:
+            with sdpa_kernel(backend):
+                row[f"sdpa_{name}_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        except Exception as e:  # noqa: BLE001 - a backend that does not take the shape
+            row[f"sdpa_{name}_ms"] = None
+            row.setdefault("errors", []).append(f"sdpa {name}: {type(e).__name__}: {e}"[:300])
+    row["summary"] = _summary(row, copy_gbs)
+    return row
+
+
+def _summary(row: dict, copy_gbs: float | None) -> dict:
+    timed = [r["ms"] for r in row["resident"] if r["ms"] is not None]
+    rule_ms = next((r["ms"] for r in row["resident"] if r["rule"]), None)
+    sdpa = [row[k] for k in row if k.startswith("sdpa_") and row[k] is not None]
+    best_sdpa = min(sdpa) if sdpa else None
+    route_ms = rule_ms if "reason" not in row["route"] else row["general_ms"]
+    return {
+        "route_ms": route_ms, "best_resident_ms": min(timed) if timed else None, "best_sdpa_ms": best_sdpa,
+        "route_vs_best_sdpa": best_sdpa / route_ms if best_sdpa and route_ms else None,
+        "route_vs_general": row["general_ms"] / route_ms if route_ms else None,
+        "traffic_bound_ms": row["bytes"] / copy_gbs / 1e6 if copy_gbs else None,
+        "route_tflops": row["flops"] / route_ms / 1e9 if route_ms else None,
+    }
+
+
+def _line(row: dict) -> str:
+    s = row["summary"]
+    return (f"{row['route']['kernel']} {s['route_ms']} ms, general {row['general_ms']:.4f}, best SDPA "
+            f"{s['best_sdpa_ms']} (best SDPA / route {s['route_vs_best_sdpa']}), traffic bound {s['traffic_bound_ms']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    p.add_argument("--section", default=None, help="write the document under this key of the JSON file")
+    p.add_argument("--shapes", nargs="+", default=list(attention_shapes.SHAPES), choices=list(attention_shapes.SHAPES))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+    p.add_argument("--budget", type=float, default=150.0, help="seconds; no new shape starts after them")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        raise SystemExit("attention_shapes.py times kernels on a CUDA GPU (and TRITON_INTERPRET must be unset)")
+    import triton
+
+    from vitfast.bench.measure import Timer, measure_peaks
+    from vitfast.kernels import _select
+
+    os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")  # the rules' configs
+    _select.reset()
+    start = time.perf_counter()
+    device = torch.device("cuda")
+    peaks = measure_peaks(device, Timer(device, quick=True))
+    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "dtype": "bfloat16", "peaks": peaks, "rows": [], "skipped": []}
+    timed_rows(list(attention_shapes.launches(a.shapes, a.batch)), a.budget - (time.perf_counter() - start), doc,
+               lambda launch: shape_row(launch, torch.bfloat16, peaks["copy_gbs"]), _line,
+               lambda: save_section(a.json, a.section, doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
