@@ -10,7 +10,8 @@ with and without RoPE, SigLIP-So400m at 224 and 384) in bf16, q, k and v views o
   (``kernels/attention_resident.py``) in its rule's config or the general kernel, and why;
 * ``resident``: every candidate config of the resident kernel that tuning would measure, the rule's
   pick marked (where the route takes the shape);
-* ``general_ms``: the general FlashAttention-2 kernel in its rule's config, what ran before;
+* ``general_ms``: the general FlashAttention-2 kernel in its rule's config, what ran before (both
+  kernels launched bare, without the op's checks: ``attention.forward_launchers``);
 * ``sdpa_flash_ms``, ``sdpa_cudnn_ms``, ``sdpa_efficient_ms``: ``F.scaled_dot_product_attention`` held
   to each backend (None, with the error, where a backend does not take the shape; RoPE rows rotate
   nothing for SDPA, so they compare the kernels only);
@@ -58,7 +59,7 @@ def shape_row(launch, dtype: torch.dtype, copy_gbs: float | None, device: str = 
     a launch, its ms); tests run it in the interpreter with a fake timer and no SDPA backends."""
     from torch.nn.attention import sdpa_kernel
 
-    from vitfast.kernels import _precompile, _resident_configs, attention, attention_resident
+    from vitfast.kernels import _precompile, _resident_configs, _select, attention
     from vitfast.kernels._tuning import interpreting
 
     t = attention_shapes.tensors(launch, dtype, device, fill=True)
@@ -66,41 +67,46 @@ def shape_row(launch, dtype: torch.dtype, copy_gbs: float | None, device: str = 
            "tokens": launch.tokens, "head_dim": launch.head_dim, "flops": launch.flops, "bytes": launch.bytes(),
            "resident": []}
     attention.ran.clear()
-    attention.attention_fwd(**t)
-    row["route"] = attention.routes()[0]
-    if "reason" not in row["route"]:
-        key = next(iter(attention.ran))[1]
-        run = attention.resident_launcher(t["q"], t["k"], t["v"], t["o"], t["lse"], t["scale"], rope=t["rope"])
+    try:  # the route as the op takes it (compiles its kernel)
+        attention.attention_fwd(**t)
+        row["route"] = attention.routes()[0]
+    except Exception as e:  # noqa: BLE001 - recorded; the kernels and SDPA are still timed
+        row["route"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    key, general, resident = attention.forward_launchers(t["q"], t["k"], t["v"], t["o"], t["lse"], t["scale"],
+                                                         rope=t["rope"])
+    general_cfg = _select.config(attention.ATTENTION_FWD, t["q"].get_device(), key, general)
+    row["general_ms"] = _time(row, "general kernel", bench, lambda: general(general_cfg))
+    if _resident_configs.reason(key) is None:
         candidates = _resident_configs.candidates(key)
         rule = _resident_configs.rule(90, key)
         if not interpreting():
-            with _precompile.compiling():
+            with _precompile.compiling():  # every candidate compiled on all cores at once
                 for c in candidates:
-                    run(c)
+                    resident(c)
         for c in candidates:
-            try:
-                ms = bench(lambda: run(c))
-            except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
-                ms = None
-                row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {e}"[:300])
-            row["resident"].append({"config": {**c.kwargs, "num_warps": c.num_warps}, "rule": c.kwargs == rule.kwargs
-                                    and c.num_warps == rule.num_warps, "ms": ms})
-    takes = attention_resident.takes
-    attention_resident.takes = lambda *args: "timing the general kernel"
-    try:
-        row["general_ms"] = bench(lambda: attention.attention_fwd(**t))
-    finally:
-        attention_resident.takes = takes
+            row["resident"].append({"config": {**c.kwargs, "num_warps": c.num_warps},
+                                    "rule": c.kwargs == rule.kwargs and c.num_warps == rule.num_warps,
+                                    "ms": _time(row, str(c), bench, lambda: resident(c))})
     q, k, v = t["q"], t["k"], t["v"]
     for name, backend in (backends if backends is not None else _sdpa_backends()).items():
+        row[f"sdpa_{name}_ms"] = None
         try:
             with sdpa_kernel(backend):
-                row[f"sdpa_{name}_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-        except Exception as e:  # noqa: BLE001 - a backend that does not take the shape
-            row[f"sdpa_{name}_ms"] = None
+                row[f"sdpa_{name}_ms"] = _time(row, f"sdpa {name}", bench, lambda: F.scaled_dot_product_attention(q, k, v))
+        except Exception as e:  # noqa: BLE001 - a backend this torch cannot select
             row.setdefault("errors", []).append(f"sdpa {name}: {type(e).__name__}: {e}"[:300])
     row["summary"] = _summary(row, copy_gbs)
     return row
+
+
+def _time(row: dict, what: str, bench, fn) -> float | None:
+    """``bench(fn)``, or None with the error in ``row["errors"]`` (a config that does not fit, a backend
+    that does not take the shape)."""
+    try:
+        return bench(fn)
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        row.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {e}"[:300])
+        return None
 
 
 def _summary(row: dict, copy_gbs: float | None) -> dict:
@@ -108,11 +114,11 @@ def _summary(row: dict, copy_gbs: float | None) -> dict:
     rule_ms = next((r["ms"] for r in row["resident"] if r["rule"]), None)
     sdpa = [row[k] for k in row if k.startswith("sdpa_") and row[k] is not None]
     best_sdpa = min(sdpa) if sdpa else None
-    route_ms = rule_ms if "reason" not in row["route"] else row["general_ms"]
+    route_ms = row["general_ms"] if row["route"].get("kernel") == "attention_fwd" else rule_ms
     return {
         "route_ms": route_ms, "best_resident_ms": min(timed) if timed else None, "best_sdpa_ms": best_sdpa,
         "route_vs_best_sdpa": best_sdpa / route_ms if best_sdpa and route_ms else None,
-        "route_vs_general": row["general_ms"] / route_ms if route_ms else None,
+        "route_vs_general": row["general_ms"] / route_ms if route_ms and row["general_ms"] else None,
         "traffic_bound_ms": row["bytes"] / copy_gbs / 1e6 if copy_gbs else None,
         "route_tflops": row["flops"] / route_ms / 1e9 if route_ms else None,
     }
@@ -120,8 +126,8 @@ def _summary(row: dict, copy_gbs: float | None) -> dict:
 
 def _line(row: dict) -> str:
     s = row["summary"]
-    return (f"{row['route']['kernel']} {s['route_ms']} ms, general {row['general_ms']:.4f}, best SDPA "
-            f"{s['best_sdpa_ms']} (best SDPA / route {s['route_vs_best_sdpa']}), traffic bound {s['traffic_bound_ms']:.4f}")
+    return (f"{row['route'].get('kernel', row['route'].get('error'))} {s['route_ms']} ms, general {row['general_ms']}, best SDPA "
+            f"{s['best_sdpa_ms']} (best SDPA / route {s['route_vs_best_sdpa']}), traffic bound {s['traffic_bound_ms']}")
 
 
 def main(argv: list[str] | None = None) -> int:

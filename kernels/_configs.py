@@ -17,7 +17,8 @@ kernel this file holds:
   deterministic (tests depend on these tiles: ragged edges at their sizes).
 
 Every config an sm_90 rule returns is in its kernel's candidate list, so ``benchmarks/hopper_compile.py
---all`` compiles it and tuning measures it against the others.
+--all`` compiles it and tuning measures it against the others. The resident-K/V attention forward's
+rule, and which launches take that kernel, are in ``_resident_configs.py``.
 """
 from __future__ import annotations
 

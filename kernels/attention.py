@@ -53,8 +53,9 @@ from ._launch import launch
 from ._random import ATTENTION, keep
 from ._rope import NO_ROPE, ROPE_HALF, ROPE_INTERLEAVED, load_rotated, unrotate
 
-# Head sizes the kernel tiles (padded to the next power of two with masks); others fall back.
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
+# Head sizes the kernel tiles (padded to the next power of two with masks); others fall back. 72 is
+# SigLIP-So400m's (1152 / 16 heads).
+HEAD_DIMS = (16, 32, 48, 64, 72, 80, 96, 128)
 
 # Mask kinds (constexpr): what a mask element means.
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
@@ -408,14 +409,19 @@ ATTENTION_DQ = _select.kernel("attention_bwd_dq", _attention_bwd_dq_kernel, _con
                               _configs.attention_candidates("dq"), _configs.attention_interpreter)
 
 
-def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, tile: str, n: int, programs_per_tile: int,
-            args: tuple, meta: dict) -> triton.Config:
-    """Launch cdiv(n, tile) · programs_per_tile programs in the config chosen for ``key``; returns it."""
+def _runner(kernel: _select.Kernel, tile: str, n: int, programs_per_tile: int, args: tuple, meta: dict
+            ) -> Callable[[triton.Config], None]:
+    """The launch of cdiv(n, tile) · programs_per_tile programs as a function of the config."""
     def run(cfg: triton.Config) -> None:
         launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args,
                {**meta, **_select.tile_meta(cfg)})
+    return run
 
-    cfg = _select.config(kernel, args[0].get_device(), key, run)
+
+def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, run: Callable[[triton.Config], None],
+            device: int) -> triton.Config:
+    """Launch ``run`` in the config chosen for ``key``; returns it."""
+    cfg = _select.config(kernel, device, key, run)
     run(cfg)
     return cfg
 
@@ -539,32 +545,39 @@ def attention_fwd(
     assert rope is None or N_Q == N_KV
     if B * H * N_Q == 0:
         return
+    key, general, resident = _forward(q, k, v, o, lse, key_padding_mask, attn_mask, scale, is_causal, rope,
+                                      dropout_p, seed)
+    why = attention_resident.takes(q, k, v, o, key)
+    if why is None:
+        kernel, run = attention_resident.ATTENTION_RESIDENT, resident()
+    else:
+        kernel, run = ATTENTION_FWD, general
+    ran[q.get_device(), key] = (kernel, _launch(kernel, key, run, q.get_device()), why)
+
+
+def _forward(q, k, v, o, lse, key_padding_mask, attn_mask, scale, is_causal, rope, dropout_p, seed):
+    """(launch key, the general kernel's launch as a function of the config, a function making the
+    resident kernel's) of ``attention_fwd``'s arguments."""
+    B, H, N_Q, d = q.shape
     mask_args, mask_meta = _mask_args(key_padding_mask, attn_mask, H, lse)
     rope_args, prefix, rope_meta = _rope_args(rope, lse)
     (seed_arg, *drop_scalars), drop_meta = _dropout_args(dropout_p, seed, lse)
     meta = dict(HEAD_DIM=d, IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(d), **mask_meta, **rope_meta,
                 **drop_meta)
-    key = _key(B, H, N_Q, N_KV, d, q.dtype, meta)
-    why = attention_resident.takes(q, k, v, o, key)
-    if why is None:
-        run = attention_resident.launcher(q, k, v, o, lse, rope_args, prefix, scale, meta)
-        cfg = _select.config(attention_resident.ATTENTION_RESIDENT, q.get_device(), key, run)
-        run(cfg)
-        ran[q.get_device(), key] = (attention_resident.ATTENTION_RESIDENT, cfg, None)
-        return
     args = (q, k, v, o, lse, *mask_args[:2], rope_args[0], seed_arg, *_strides(q, k, v, o), *mask_args[2:],
-            *rope_args[1:], H, N_Q, N_KV, prefix, scale * 1.4426950408889634, *drop_scalars)
-    ran[q.get_device(), key] = (ATTENTION_FWD, _launch(ATTENTION_FWD, key, "BLOCK_M", N_Q, B * H, args, meta), why)
+            *rope_args[1:], H, N_Q, k.shape[2], prefix, scale * 1.4426950408889634, *drop_scalars)
+    return (_key(B, H, N_Q, k.shape[2], d, q.dtype, meta), _runner(ATTENTION_FWD, "BLOCK_M", N_Q, B * H, args, meta),
+            lambda: attention_resident.launcher(q, k, v, o, lse, rope_args, prefix, scale, meta))
 
 
-def resident_launcher(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+def forward_launchers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                       scale: float, is_causal: bool = False, rope: Rope | None = None
-                      ) -> Callable[[triton.Config], None]:
-    """The resident kernel's launch of ``attention_fwd``'s arguments (no masks, no dropout) as a function
-    of the config, whether or not the route would take it: for instruments that time its candidates."""
-    rope_args, prefix, rope_meta = _rope_args(rope, lse)
-    meta = dict(HEAD_DIM=q.shape[3], IS_CAUSAL=is_causal, BLOCK_D=triton.next_power_of_2(q.shape[3]), **rope_meta)
-    return attention_resident.launcher(q, k, v, o, lse, rope_args, prefix, scale, meta)
+                      ) -> tuple[_configs.AttentionKey, Callable[[triton.Config], None], Callable[[triton.Config], None]]:
+    """(launch key, the general kernel's launch, the resident kernel's launch) of ``attention_fwd``'s
+    arguments without masks or dropout, each a function of the config and bare of the route's checks,
+    whether or not the route would take the resident kernel: for instruments that time both kernels."""
+    key, general, resident = _forward(q, k, v, o, lse, None, None, scale, is_causal, rope, 0.0, None)
+    return key, general, resident()
 
 
 def attention_bwd(
@@ -621,6 +634,6 @@ def attention_bwd(
     strides = (*mask_args[2:], *rope_args[1:])
     args = (q, k, v, do, lse, delta, dk, dv, *pointers, *_strides(q, k, v, do, dk, dv), *strides, *scalars)
     key = _key(B, H, N_Q, N_KV, d, q.dtype, meta)
-    _launch(ATTENTION_DKDV, key, "BLOCK_N", N_KV, B * H, args, meta)
+    _launch(ATTENTION_DKDV, key, _runner(ATTENTION_DKDV, "BLOCK_N", N_KV, B * H, args, meta), q.get_device())
     args = (q, k, v, do, lse, delta, dq, *pointers, *_strides(q, k, v, do, dq), *strides, *scalars)
-    _launch(ATTENTION_DQ, key, "BLOCK_M", N_Q, B * H, args, meta)
+    _launch(ATTENTION_DQ, key, _runner(ATTENTION_DQ, "BLOCK_M", N_Q, B * H, args, meta), q.get_device())

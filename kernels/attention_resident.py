@@ -177,6 +177,9 @@ def launcher(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     def run(cfg: triton.Config) -> None:
         meta = _select.tile_meta(cfg)
         groups = meta.pop("GROUPS")
+        if meta["KV_CHUNKS"] * meta["BLOCK_KV"] < k.shape[2]:  # a config read from a tuned-picks file, say
+            raise ValueError(f"attention_resident: {meta['KV_CHUNKS']} chunks of {meta['BLOCK_KV']} keys cannot "
+                             f"hold {k.shape[2]} keys")
         launch(_attention_resident_fwd_kernel, (B * H * groups,), (*args, groups), {**consts, **meta})
     return run
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from vitfast.kernels import _resident_configs as R
 from vitfast.kernels import attention as A
@@ -52,10 +53,10 @@ def _sdpa_ref(q, k, v, dtype, **kw):
     return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kw)
 
 
-# (B, H, N_Q, N_KV, d, causal): N_KV in {17, 197, 257, 577} (one chunk; one pass of 256 keys; 5 and 10
-# chunks of 64), head sizes 16, 48, 64, 80 (padded to 128 columns), cross-attention both ways, batch 1
-# and 3, and query counts that leave a ragged last tile.
-SHAPES = [(1, 2, 17, 17, 64, False), (3, 1, 197, 197, 64, False), (1, 2, 197, 197, 80, True),
+# (B, H, N_Q, N_KV, d, causal): N_KV in {17, 129, 197, 257, 577} (one chunk; one pass of 256 keys; 3, 5
+# and 10 chunks of 64), head sizes 16, 48, 64, 72 and 80 (padded to 128 columns), cross-attention both
+# ways, batch 1 and 3, and query counts that leave a ragged last tile.
+SHAPES = [(1, 2, 17, 17, 64, False), (3, 1, 197, 197, 64, False), (1, 2, 197, 197, 80, True), (1, 1, 129, 129, 72, False),
           (1, 1, 257, 257, 16, False), (2, 1, 40, 577, 64, False), (1, 1, 577, 100, 48, True),
           (1, 3, 33, 257, 80, False)]
 
@@ -101,8 +102,8 @@ def test_resident_rope_matches_timm(N, prefix, d, half, table):
 
 
 def test_resident_and_general_kernels_agree(monkeypatch):
-    """The same launch through either forward: outputs within fp16 rounding of each other, log-sum-exps
-    equal to fp32 rounding."""
+    """The same launch through either forward: the resident output as close to float64 as the general
+    kernel's (three-way, the general kernel in PyTorch's place), log-sum-exps equal to fp32 rounding."""
     q, k, v = (t.to(HALF) for t in torch.randn(3, 2, 3, 197, 64, device=DEVICE).unbind(0))
     resident = attention_qkv(q, k, v, return_lse=True)
     _ran(RESIDENT)
@@ -110,8 +111,29 @@ def test_resident_and_general_kernels_agree(monkeypatch):
     monkeypatch.setattr(attention_resident, "takes", lambda *args: "forced for the test")
     general = attention_qkv(q, k, v, return_lse=True)
     _ran(GENERAL, "forced")
-    assert (resident[0].float() - general[0].float()).abs().max() <= 2e-3
+    assert_parity(resident[0], general[0], _sdpa_ref(q, k, v, torch.float64))
     assert torch.allclose(resident[1], general[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, kernel", [(torch.float32, GENERAL), (HALF, RESIDENT)])
+def test_head_size_72(dtype, kernel):
+    """SigLIP-So400m's head size (1152 / 16), padded to 128 columns: both kernels, forward and backward."""
+    B, H, N, d = 2, 2, 65, 72
+    qkv = torch.randn(B, N, 3 * H * d, device=DEVICE)
+    _check_grads(lambda x, _: attention(x, H),
+                 lambda x, dt: F.scaled_dot_product_attention(*_split(x, H)).transpose(1, 2).flatten(2), [qkv], dtype)
+    assert _ran(kernel)
+
+
+def test_a_config_that_cannot_hold_the_keys_is_refused():
+    """A tuned pick (read from a file) whose chunks hold fewer keys than the head has: an error, never a
+    silently shorter softmax."""
+    q, k, v = (t.to(HALF) for t in torch.randn(3, 1, 1, 40, 16, device=DEVICE).unbind(0))
+    o, lse = torch.empty_like(q), torch.empty(1, 1, 40, device=DEVICE)
+    _, _, resident = A.forward_launchers(q, k, v, o, lse, 0.25)
+    short = triton.Config({"BLOCK_M": 32, "BLOCK_KV": 16, "KV_CHUNKS": 2, "GROUPS": 1}, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="2 chunks of 16 keys cannot hold 40 keys"):
+        resident(short)
 
 
 def _padding(B, N):
@@ -248,7 +270,7 @@ def test_gpu_script_times_every_way_of_running_a_shape(variant):
         return 1.0
 
     launch = attention_shapes.Launch("tiny", 1, variant, 2, 16, 40)
-    row = _script().shape_row(launch, HALF, 1000.0, "cpu", bench, {"math": SDPBackend.MATH})
+    row = _script().shape_row(launch, HALF, 1000.0, DEVICE, bench, {"math": SDPBackend.MATH})
     assert row["route"]["kernel"] == RESIDENT and not row.get("errors"), row
     assert row["resident"] and sum(r["rule"] for r in row["resident"]) == 1
     assert all(r["ms"] == 1.0 for r in row["resident"]) and row["general_ms"] == row["sdpa_math_ms"] == 1.0

@@ -14,6 +14,7 @@ import torch
 
 from vitfast.bench import gemm_sites
 from vitfast.kernels import _select
+from helpers import DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +60,36 @@ def test_gpu_script_times_every_way_of_running_a_site(site, monkeypatch):
 
     launch = gemm_sites.site_launch("tiny", 3, site, "inference")
     torch.manual_seed(0)
-    row = _script().site_row(launch, torch.float32, "cpu", bench)
+    row = _script().site_row(launch, torch.float32, DEVICE, bench)
     assert row["m"] == 15 and row["descriptor"] and not row.get("errors")
     assert sum(d["rule"] for d in row["descriptor"]) == 1
     assert all(d["ms"] == 1.0 for d in row["descriptor"])
     assert row["summary"]["faster_tactic"] == "fused"  # ties go to the fused kernel
     for name in ("pointer_ms", "cublas_mm_ms", "cublas_addmm_ms", "cublas_epilogue_ms"):
         assert row[name] == 1.0
+
+
+def test_gpu_scripts_save_each_row_and_share_one_file(tmp_path, capsys):
+    """``timed_rows`` saves after every row and skips what the budget leaves out; ``save_section`` keeps
+    the other scripts' sections of the shared file (the GPU suite brings back eight files at most)."""
+    from types import SimpleNamespace
+
+    from vitfast.bench.results import save_section, timed_rows
+
+    path = tmp_path / "shapes.json"
+    save_section(path, "gemm_sites", {"rows": [1]})
+    doc = {"rows": [], "skipped": []}
+    saved = []
+
+    def save():
+        save_section(path, "attention_shapes", doc)
+        saved.append(len(doc["rows"]))
+
+    items = [SimpleNamespace(name=f"launch {i}") for i in range(3)]
+    timed_rows(items, 1e9, doc, lambda item: {"what": item.name}, lambda row: row["what"], save)
+    assert saved == [1, 2, 3, 3] and [r["what"] for r in doc["rows"]] == ["launch 0", "launch 1", "launch 2"]
+    assert json.loads(path.read_text()) == {"gemm_sites": {"rows": [1]}, "attention_shapes": doc}
+    doc = {"rows": [], "skipped": []}
+    timed_rows(items, -1.0, doc, lambda item: {}, str, lambda: None)
+    assert doc == {"rows": [], "skipped": ["launch 0", "launch 1", "launch 2"]}
+    assert "0 timed, 3 left for the budget" in capsys.readouterr().out

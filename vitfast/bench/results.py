@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -106,15 +107,22 @@ def save_section(path: Path, section: str | None, doc: dict) -> None:
     (kept with its other keys), so that several GPU scripts can share one of the few files a GPU run
     brings back."""
     if section is not None:
-        held = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            held = json.loads(path.read_text()) if path.exists() else {}
+        except json.JSONDecodeError:  # cut short before writes were atomic, or by hand: kept aside, not lost
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+            held = {}
         doc = {**held, section: doc}
-    path.write_text(json.dumps(doc, indent=1))
+    part = path.with_name(path.name + ".part")  # replaced in one step: a writer killed mid-way leaves the old file
+    part.write_text(json.dumps(doc, indent=1))
+    os.replace(part, path)
 
 
 def timed_rows(todo: list, budget_s: float, doc: dict, measure, describe, save) -> None:
     """A GPU script's loop: for each item of ``todo`` (an object with a ``name``), ``measure(item)`` its
     row, stamp the row's seconds, append it to ``doc["rows"]``, print ``describe(row)`` and ``save()``,
-    so that a run cut short keeps what it measured; items reached after ``budget_s`` seconds go to
+    so that a run cut short keeps what it measured; an item whose measuring raises goes to
+    ``doc["errors"]`` and the next one starts; items reached after ``budget_s`` seconds go to
     ``doc["skipped"]``."""
     import time
 
@@ -124,7 +132,13 @@ def timed_rows(todo: list, budget_s: float, doc: dict, measure, describe, save) 
             doc["skipped"].append(item.name)
             continue
         t0 = time.perf_counter()
-        row = measure(item)
+        try:
+            row = measure(item)
+        except Exception as e:  # noqa: BLE001 - one item's failure must not cost the others their GPU time
+            doc.setdefault("errors", []).append(f"{item.name}: {type(e).__name__}: {e}"[:500])
+            print(f"{item.name}: FAILED {type(e).__name__}: {e}", flush=True)
+            save()
+            continue
         row["seconds"] = round(time.perf_counter() - t0, 1)
         doc["rows"].append(row)
         print(f"{item.name}: {describe(row)} [{row['seconds']} s]", flush=True)
