@@ -36,6 +36,8 @@ kernel and SDPA's backends, and tuning (``candidates``) measures the other chunk
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -96,6 +98,7 @@ def _config(key: AttentionKey, block_m: int, block_kv: int, groups: int | None =
                          num_warps=warps, num_stages=1)
 
 
+@functools.cache  # the route asks for every forward launch on the checked path: a lookup, not 30 µs
 def _rule_config(key: AttentionKey) -> triton.Config | None:
     block_kv = _chunk(key)
     two_per_sm = 2 * smem_bytes(key, 64, block_kv, triton.cdiv(key.n_kv, block_kv)) <= SMEM_BYTES
@@ -111,6 +114,7 @@ def max_keys(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return n
 
 
+@functools.cache
 def reason(key: AttentionKey) -> str | None:
     """Why a forward launch of ``key`` stays on the general kernel, or None when the resident kernel
     takes it (the launcher also needs descriptor-ready views and an sm_90 device)."""
