@@ -88,7 +88,7 @@ def test_backward_after_resident_forward(B, H, N, d, causal):
 
 
 @pytest.mark.parametrize("N, prefix, d, half, table", [(197, 1, 64, False, "cat"), (65, 5, 80, True, "heads"),
-                                                       (258, 1, 64, True, "random")])
+                                                       (130, 1, 64, True, "random")])
 def test_resident_rope_matches_timm(N, prefix, d, half, table):
     """q and every 64-key chunk rotated as they arrive (partner columns by gather), forward and backward."""
     B, H = 2, 2
@@ -279,20 +279,20 @@ def test_gpu_script_times_every_way_of_running_a_shape(variant):
     assert row["summary"]["route_vs_best_sdpa"] == 1.0
 
 
-@pytest.mark.parametrize("dtype, kernel, words", [(HALF, RESIDENT, ""), (torch.float32, GENERAL, "float32")])
-def test_the_report_says_which_forward_ran(dtype, kernel, words):
-    """An optimized ViT (17 tokens) in 16 bits runs the resident forward, in fp32 the general one; the
-    report's ``attention_routes`` and its text say so, with the reason."""
+def test_the_report_says_which_forward_ran():
+    """An optimized ViT (17 tokens) in 16 bits runs the resident forward; an fp32 launch the general one.
+    The report's ``attention_routes`` and its text say so, with the reason."""
     import vitfast
 
     torch.manual_seed(0)
-    model = vitfast.optimize(vitfast.reference.vit_tiny(img_size=32, patch_size=8, n_classes=3).eval().to(dtype))
-    x = torch.randn(2, 3, 32, 32, device=DEVICE, dtype=dtype)
+    model = vitfast.optimize(vitfast.reference.vit_tiny(img_size=32, patch_size=8, n_classes=3).eval().to(HALF))
     with torch.no_grad():
-        model(x)
+        model(torch.randn(2, 3, 32, 32, device=DEVICE, dtype=HALF))
     report = model.vitfast_report
-    routes = report.attention_routes()
-    assert routes and {r["kernel"] for r in routes} == {kernel}, routes
-    assert all(words in r.get("reason", "") for r in routes)
+    assert [r["kernel"] for r in report.attention_routes()] == [RESIDENT]
+    attention_qkv(*torch.randn(3, 1, 2, 17, 16, device=DEVICE).unbind(0))
+    general = [r for r in report.attention_routes() if r["kernel"] == GENERAL]
+    assert len(general) == 1 and "float32" in general[0]["reason"], report.attention_routes()
     text = str(report)
-    assert "attention forwards launched in this process" in text and kernel in text
+    assert "attention forwards launched in this process: 2" in text and RESIDENT in text
+    assert f"{GENERAL} " in text and general[0]["reason"] in text
