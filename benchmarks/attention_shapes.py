@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from vitfast.bench import attention_shapes
-from vitfast.bench.results import save_section, timed_rows
+from vitfast.bench.results import save_section, time_candidates, time_or_record, timed_rows
 
 
 def _bench(fn) -> float:
@@ -75,38 +75,20 @@ def shape_row(launch, dtype: torch.dtype, copy_gbs: float | None, device: str = 
     key, general, resident = attention.forward_launchers(t["q"], t["k"], t["v"], t["o"], t["lse"], t["scale"],
                                                          rope=t["rope"])
     general_cfg = _select.config(attention.ATTENTION_FWD, t["q"].get_device(), key, general)
-    row["general_ms"] = _time(row, "general kernel", bench, lambda: general(general_cfg))
+    row["general_ms"] = time_or_record(row, "general kernel", bench, lambda: general(general_cfg))
     if _resident_configs.reason(key) is None:
-        candidates = _resident_configs.candidates(key)
-        rule = _resident_configs.rule(90, key)
-        if not interpreting():
-            with _precompile.compiling():  # every candidate compiled on all cores at once
-                for c in candidates:
-                    resident(c)
-        for c in candidates:
-            row["resident"].append({"config": {**c.kwargs, "num_warps": c.num_warps},
-                                    "rule": c.kwargs == rule.kwargs and c.num_warps == rule.num_warps,
-                                    "ms": _time(row, str(c), bench, lambda: resident(c))})
+        row["resident"] = time_candidates(row, _resident_configs.candidates(key), _resident_configs.rule(90, key),
+                                          resident, bench, None if interpreting() else _precompile.compiling)
     q, k, v = t["q"], t["k"], t["v"]
     for name, backend in (backends if backends is not None else _sdpa_backends()).items():
         row[f"sdpa_{name}_ms"] = None
         try:
             with sdpa_kernel(backend):
-                row[f"sdpa_{name}_ms"] = _time(row, f"sdpa {name}", bench, lambda: F.scaled_dot_product_attention(q, k, v))
+                row[f"sdpa_{name}_ms"] = time_or_record(row, f"sdpa {name}", bench, lambda: F.scaled_dot_product_attention(q, k, v))
         except Exception as e:  # noqa: BLE001 - a backend this torch cannot select
             row.setdefault("errors", []).append(f"sdpa {name}: {type(e).__name__}: {e}"[:300])
     row["summary"] = _summary(row, copy_gbs)
     return row
-
-
-def _time(row: dict, what: str, bench, fn) -> float | None:
-    """``bench(fn)``, or None with the error in ``row["errors"]`` (a config that does not fit, a backend
-    that does not take the shape)."""
-    try:
-        return bench(fn)
-    except Exception as e:  # noqa: BLE001 - recorded, not fatal
-        row.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {e}"[:300])
-        return None
 
 
 def _summary(row: dict, copy_gbs: float | None) -> dict:

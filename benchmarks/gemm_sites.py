@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from vitfast.bench import gemm_sites
-from vitfast.bench.results import save_section, timed_rows
+from vitfast.bench.results import save_section, time_candidates, timed_rows
 
 
 def _bench(fn) -> float:
@@ -55,22 +55,10 @@ def site_row(launch, dtype: torch.dtype, device: str = "cuda", bench=_bench) -> 
                 INPUT_PRECISION=key.precision)
     run = linear_tma.launcher(t["x"], t["weight"], t["bias"], t["scale"], t["residual"], t["y"], t["z"], t["seed"],
                               t["row_scale"], t["dropout_p"], t["keep_scale"], meta)
-    candidates = _configs.linear_tma_candidates(key)
-    rule = _configs.linear_tma_rule(90, key)
-    if not interpreting():
-        with _precompile.compiling():  # every candidate compiled on all cores at once
-            for c in candidates:
-                run(c)
     row = {"site": launch.site, "model": launch.model, "batch": launch.batch, "m": launch.m, "n": launch.n,
-           "k": launch.k, "flops": launch.flops, "key": _configs.key_text(key), "descriptor": []}
-    for c in candidates:
-        try:
-            ms = bench(lambda: run(c))
-        except Exception as e:  # noqa: BLE001 - a config that does not fit is recorded, not fatal
-            ms = None
-            row.setdefault("errors", []).append(f"{c}: {type(e).__name__}: {e}")
-        row["descriptor"].append({"config": {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages},
-                                  "rule": c is rule, "ms": ms})
+           "k": launch.k, "flops": launch.flops, "key": _configs.key_text(key)}
+    row["descriptor"] = time_candidates(row, _configs.linear_tma_candidates(key), _configs.linear_tma_rule(90, key),
+                                        run, bench, None if interpreting() else _precompile.compiling)
 
     takes = linear_tma.arch_takes_descriptors
     linear_tma.arch_takes_descriptors = lambda device: False

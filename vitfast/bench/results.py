@@ -145,3 +145,26 @@ def timed_rows(todo: list, budget_s: float, doc: dict, measure, describe, save) 
         save()
     save()
     print(f"{len(doc['rows'])} timed, {len(doc['skipped'])} left for the budget, {time.perf_counter() - start:.0f} s")
+
+
+def time_or_record(row: dict, what: str, bench, fn) -> float | None:
+    """``bench(fn)``, or None with the error in ``row["errors"]`` (a config that does not fit, a backend
+    that does not take the shape): a GPU script's row keeps what else it measured."""
+    try:
+        return bench(fn)
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        row.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {e}"[:300])
+        return None
+
+
+def time_candidates(row: dict, candidates: list, rule, run, bench, compiling) -> list[dict]:
+    """Every candidate config compiled at once (``compiling``: ``_precompile.compiling`` compiled, None
+    in the interpreter), then each timed by ``bench`` on ``run(config)``: its config, whether it is the
+    rule's pick, and its ms (None where it failed, the error in ``row["errors"]``)."""
+    if compiling is not None:
+        with compiling():  # on all cores at once
+            for c in candidates:
+                run(c)
+    same = lambda a, b: (a.kwargs, a.num_warps, a.num_stages) == (b.kwargs, b.num_warps, b.num_stages)  # noqa: E731
+    return [{"config": {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}, "rule": same(c, rule),
+             "ms": time_or_record(row, str(c), bench, lambda: run(c))} for c in candidates]
