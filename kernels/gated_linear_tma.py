@@ -21,7 +21,9 @@ from . import _configs, _select
 from ._gemm_epilogue import _activate, _tile_position, gemm_keep
 from ._launch import launch
 from ._layout import vector_stride
-from .linear_tma import _column_slices, ensure_allocator, operand_desc, operand_layout, operand_tile, programs_per_wave
+from .linear_tma import (TMA_ALIGN, _column_slices, ensure_allocator, operand_desc, operand_layout, operand_tile,
+                         programs_per_wave)
+from .linear_tma import eligible as linear_eligible
 from ._tuning import interpreting
 
 
@@ -102,11 +104,9 @@ def eligible(precision: str, x: torch.Tensor, gate_weight: torch.Tensor, value_w
              y: torch.Tensor, z: torch.Tensor | None) -> bool:
     """Whether a ``gated_linear`` launch can take the descriptor kernel (``linear_tma.eligible`` for
     each product, and Z's value half aligned)."""
-    from .linear_tma import eligible as linear_eligible
-
     if not (linear_eligible(precision, x, gate_weight, y, z) and linear_eligible(precision, x, value_weight, y)):
         return False
-    return z is None or (gate_weight.shape[0] * z.element_size()) % 16 == 0
+    return z is None or (gate_weight.shape[0] * z.element_size()) % TMA_ALIGN == 0
 
 
 def launcher(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, value_weight: torch.Tensor,

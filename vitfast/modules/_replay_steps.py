@@ -240,10 +240,7 @@ def _generate(replay: Replay) -> tuple:
             hooked.append(plain[-1])
             continue
         _, _, kernel, grid, values, _, args = step
-        exprs = []
-        for pos, value in enumerate(values):
-            names[f"_c{n}_{pos}"] = value
-            exprs.append(f"_c{n}_{pos}")
+        exprs = _constants(n, values, names)
         for pos, where, at, offset, _, _ in args:
             exprs[pos] = (f"i{at} + {offset}" if where == _IN else f"p{at} + {offset}" if where == _PARAM
                           else f"o{at} + {offset}" if where == _OWN else f"w + {at + offset}")
@@ -259,15 +256,20 @@ def _generate(replay: Replay) -> tuple:
     return names["plain"], names["hooked"], driver, knobs
 
 
+def _constants(n: int, values: list, names: dict[str, Any]) -> list[str]:
+    """The generated names of step ``n``'s recorded argument values (``_c<n>_<pos>``, bound in ``names``):
+    the expressions a step's argument list starts from, before its tensor slots replace theirs."""
+    for pos, value in enumerate(values):
+        names[f"_c{n}_{pos}"] = value
+    return [f"_c{n}_{pos}" for pos in range(len(values))]
+
+
 def _call_line(n: int, step: tuple, names: dict[str, Any]) -> str:
     """The generated line of a ``call`` step: the aten op on views rebuilt from the recorded slots (a
     tensor object per argument, which launches avoid by passing addresses; these are cuBLAS products,
     rare and long on the GPU)."""
     _, func, _, _, values, kwnames, args = step
-    exprs = []
-    for pos, value in enumerate(values):
-        names[f"_c{n}_{pos}"] = value
-        exprs.append(f"_c{n}_{pos}")
+    exprs = _constants(n, values, names)
     for pos, where, at, _, view, span in args:
         names[f"_view{n}_{pos}"] = view
         ref = (f"inputs[{at}]" if where == _IN else f"_params[{at}]" if where == _PARAM else f"b{at}" if where == _OWN
