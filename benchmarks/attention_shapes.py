@@ -84,7 +84,8 @@ def shape_row(launch, dtype: torch.dtype, copy_gbs: float | None, device: str = 
         row[f"sdpa_{name}_ms"] = None
         try:
             with sdpa_kernel(backend):
-                row[f"sdpa_{name}_ms"] = time_or_record(row, f"sdpa {name}", bench, lambda: F.scaled_dot_product_attention(q, k, v))
+                row[f"sdpa_{name}_ms"] = time_or_record(row, f"sdpa {name}", bench,
+                                                        lambda: F.scaled_dot_product_attention(q, k, v))
         except Exception as e:  # noqa: BLE001 - a backend this torch cannot select
             row.setdefault("errors", []).append(f"sdpa {name}: {type(e).__name__}: {e}"[:300])
     row["summary"] = _summary(row, copy_gbs)
@@ -108,8 +109,9 @@ def _summary(row: dict, copy_gbs: float | None) -> dict:
 
 def _line(row: dict) -> str:
     s = row["summary"]
-    return (f"{row['route'].get('kernel', row['route'].get('error'))} {s['route_ms']} ms, general {row['general_ms']}, best SDPA "
-            f"{s['best_sdpa_ms']} (best SDPA / route {s['route_vs_best_sdpa']}), traffic bound {s['traffic_bound_ms']}")
+    return (f"{row['route'].get('kernel', row['route'].get('error'))} {s['route_ms']} ms, "
+            f"general {row['general_ms']}, best SDPA {s['best_sdpa_ms']} "
+            f"(best SDPA / route {s['route_vs_best_sdpa']}), traffic bound {s['traffic_bound_ms']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     python benchmarks/hopper_compile.py --batch 1 32 256    # ... at these batch sizes (default 256)
     python benchmarks/hopper_compile.py --all               # every candidate that tuning would measure
     python benchmarks/hopper_compile.py --vit-sites --json PATH   # each ViT GEMM site's pick, as the JIT specializes it
-    python benchmarks/hopper_compile.py --vit-attention --json PATH   # each ViT attention shape's forward route and pick
+    python benchmarks/hopper_compile.py --vit-attention --json PATH   # each ViT attention shape's route and pick
 
 The interpreter proves what the kernels compute; this proves the installed Triton turns them into
 sm_90 code (wgmma where the tiles allow it) in the configs the rules pick, and that each fits the
@@ -157,7 +157,8 @@ def variants() -> list[Variant]:
     # chunks with RoPE, and a head size that pads to 128 columns, causal.
     for d, causal, rope, n in ((64, False, 0, 197), (64, False, 2, 257), (80, True, 0, 257)):
         def resident_key(batch, d=d, causal=causal, rope=rope, n=n):
-            return C.AttentionKey(triton.next_power_of_2(batch * 12), n, n, d, torch.bfloat16, 0, 0, causal, rope, False)
+            return C.AttentionKey(triton.next_power_of_2(batch * 12), n, n, d, torch.bfloat16, 0, 0, causal, rope,
+                                  False)
         label = f"d={d} N={n}{' causal' if causal else ''}{f' rope={rope}' if rope else ''}"
         out.append(Variant(f"attention resident fwd {label}", AR.ATTENTION_RESIDENT,
                            dict(Q=bf, K=bf, V=bf, O=bf, LSE=f32, TAB=f32),
@@ -195,7 +196,8 @@ def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, ca
 
     fn = v.kernel if isinstance(v.kernel, JITFunction) else v.kernel.fn  # the _select.Kernel's JITFunction
     # A config's launch arguments that are no constexprs (the resident attention's GROUPS) stay integers.
-    constexprs = {k: x for k, x in {**v.constexprs, **tiles}.items() if k in {p.name for p in fn.params if p.is_constexpr}}
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    constexprs = {k: x for k, x in {**v.constexprs, **tiles}.items() if k in declared}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -204,7 +206,8 @@ def compile_variant(v: Variant, tiles: dict, num_warps: int, num_stages: int, ca
             signature[name] = "*" + v.pointers[name]
         else:
             signature[name] = "fp32" if name in v.floats else "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): x for k, x in constexprs.items()})
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): x for k, x in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -303,13 +306,15 @@ def vit_sites(a: argparse.Namespace) -> int:
 
     def describe(row: dict) -> str:
         before = row["pointer"]
-        return (f"{row['model']} b{row['batch']} {row['site']} {row['variant']}: {row.get('kernel')} {row.get('config')} "
-                f"regs {row.get('registers')} spill {row.get('spilled_bytes')} smem {row.get('dynamic_shared_bytes')} "
-                f"tma {row.get('tma')} wgmma {row.get('wgmma')} | pointer kernel: regs {before.get('registers')} "
-                f"spill {before.get('spilled_bytes')} tma {before.get('tma')}")
+        return (f"{row['model']} b{row['batch']} {row['site']} {row['variant']}: {row.get('kernel')} "
+                f"{row.get('config')} regs {row.get('registers')} spill {row.get('spilled_bytes')} "
+                f"smem {row.get('dynamic_shared_bytes')} tma {row.get('tma')} wgmma {row.get('wgmma')} | "
+                f"pointer kernel: regs {before.get('registers')} spill {before.get('spilled_bytes')} "
+                f"tma {before.get('tma')}")
 
     return _static_report(a, table, gemm_sites.meets_target, describe,
-                          f"{{met}} of {{rows}} picks without spills, on TMA and wgmma ({time.perf_counter() - t0:.0f} s)",
+                          f"{{met}} of {{rows}} picks without spills, on TMA and wgmma "
+                          f"({time.perf_counter() - t0:.0f} s)",
                           _markdown)
 
 
@@ -343,9 +348,10 @@ def _attention_markdown(table: list[dict], batches: list[int]) -> str:
     def pick(r: dict) -> str:
         c = r["config"]
         if "reason" in r:
-            return f"general {c['BLOCK_M']}×{c['BLOCK_N']} w{c['num_warps']}: {r['registers']} r, {r['spilled_bytes']} B"
-        return (f"{c['BLOCK_M']} × {c['KV_CHUNKS']}·{c['BLOCK_KV']} g{c['GROUPS']} w{c['num_warps']}: {r['registers']} r, "
-                f"{r['spilled_bytes']} B, {r['dynamic_shared_bytes'] // 1024} KiB")
+            return (f"general {c['BLOCK_M']}×{c['BLOCK_N']} w{c['num_warps']}: {r['registers']} r, "
+                    f"{r['spilled_bytes']} B")
+        return (f"{c['BLOCK_M']} × {c['KV_CHUNKS']}·{c['BLOCK_KV']} g{c['GROUPS']} w{c['num_warps']}: "
+                f"{r['registers']} r, {r['spilled_bytes']} B, {r['dynamic_shared_bytes'] // 1024} KiB")
 
     by_line: dict[tuple, dict[int, dict]] = {}
     for r in table:

@@ -127,7 +127,8 @@ def site_table(model: str, batches: list[int], elem: int, tflops: float, gbs: fl
     for batch in batches:
         m = batch * s.tokens
         for site, n, k, residual, epilogue in (("qkv", 3 * d, d, False, False), ("proj + residual", d, d, True, True),
-                                               ("fc1 + GELU", hid, d, False, True), ("fc2 + residual", d, hid, True, True)):
+                                               ("fc1 + GELU", hid, d, False, True),
+                                               ("fc2 + residual", d, hid, True, True)):
             op = Op(site, 1, 2.0 * m * n * k, elem * (m * k + n * k + n + m * n * (2 if residual else 1)))
             extra = 2.0 * elem * m * n if epilogue else 0.0
             product = Op(site, 1, op.flops, op.bytes - (elem * m * n if residual else 0))
@@ -151,7 +152,8 @@ def attention_table(batches: list[int], elem: int, tflops: float, gbs: float) ->
     from vitfast.kernels import _resident_configs
     from vitfast.kernels._configs import AttentionKey
 
-    lines = ["| shape | H × N × d | batch | GFLOP | MB | FLOP/byte | bound ms | bound by | sm_90 route | padded work |",
+    lines = ["| shape | H × N × d | batch | GFLOP | MB | FLOP/byte | bound ms | bound by | sm_90 route | "
+             "padded work |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for launch in attention_shapes.launches(list(attention_shapes.SHAPES), batches, ["inference"]):
         n = launch.tokens
@@ -176,7 +178,8 @@ def attention_table(batches: list[int], elem: int, tflops: float, gbs: float) ->
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base", choices=sorted(reference.CONFIGS))
-    p.add_argument("--batch", type=int, nargs="+", default=[256], help="one batch size (with --gemm-sites or --attention-shapes, several)")
+    p.add_argument("--batch", type=int, nargs="+", default=[256],
+                   help="one batch size (with --gemm-sites or --attention-shapes, several)")
     p.add_argument("--gemm-sites", action="store_true",
                    help="instead: each GEMM site of one block, fused against cuBLAS and a separate epilogue")
     p.add_argument("--attention-shapes", action="store_true",

@@ -63,6 +63,9 @@ NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
 # (device, launch key) -> (forward kernel, its config, why not the resident kernel) of the latest launch.
 ran: dict[tuple[int, _configs.AttentionKey], tuple[_select.Kernel, triton.Config, str | None]] = {}
 
+# A launch as a function of its config.
+_Run = Callable[[triton.Config], None]
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # A jit function reads only constexpr globals (the interpreter reads any, the compiler does not).
@@ -410,7 +413,7 @@ ATTENTION_DQ = _select.kernel("attention_bwd_dq", _attention_bwd_dq_kernel, _con
 
 
 def _runner(kernel: _select.Kernel, tile: str, n: int, programs_per_tile: int, args: tuple, meta: dict
-            ) -> Callable[[triton.Config], None]:
+            ) -> _Run:
     """The launch of cdiv(n, tile) · programs_per_tile programs as a function of the config."""
     def run(cfg: triton.Config) -> None:
         launch(kernel.fn, (triton.cdiv(n, cfg.kwargs[tile]) * programs_per_tile,), args,
@@ -418,8 +421,7 @@ def _runner(kernel: _select.Kernel, tile: str, n: int, programs_per_tile: int, a
     return run
 
 
-def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, run: Callable[[triton.Config], None],
-            device: int) -> triton.Config:
+def _launch(kernel: _select.Kernel, key: _configs.AttentionKey, run: _Run, device: int) -> triton.Config:
     """Launch ``run`` in the config chosen for ``key``; returns it."""
     cfg = _select.config(kernel, device, key, run)
     run(cfg)
@@ -572,7 +574,7 @@ def _forward(q, k, v, o, lse, key_padding_mask, attn_mask, scale, is_causal, rop
 
 def forward_launchers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                       scale: float, is_causal: bool = False, rope: Rope | None = None
-                      ) -> tuple[_configs.AttentionKey, Callable[[triton.Config], None], Callable[[triton.Config], None]]:
+                      ) -> tuple[_configs.AttentionKey, _Run, _Run]:
     """(launch key, the general kernel's launch, the resident kernel's launch) of ``attention_fwd``'s
     arguments without masks or dropout, each a function of the config and bare of the route's checks,
     whether or not the route would take the resident kernel: for instruments that time both kernels."""

@@ -56,9 +56,9 @@ def _sdpa_ref(q, k, v, dtype, **kw):
 # (B, H, N_Q, N_KV, d, causal): N_KV in {17, 129, 197, 257, 577} (one chunk; one pass of 256 keys; 3, 5
 # and 10 chunks of 64), head sizes 16, 48, 64, 72 and 80 (padded to 128 columns), cross-attention both
 # ways, batch 1 and 3, and query counts that leave a ragged last tile.
-SHAPES = [(1, 2, 17, 17, 64, False), (3, 1, 197, 197, 64, False), (1, 2, 197, 197, 80, True), (1, 1, 129, 129, 72, False),
-          (1, 1, 257, 257, 16, False), (2, 1, 40, 577, 64, False), (1, 1, 577, 100, 48, True),
-          (1, 3, 33, 257, 80, False)]
+SHAPES = [(1, 2, 17, 17, 64, False), (3, 1, 197, 197, 64, False), (1, 2, 197, 197, 80, True),
+          (1, 1, 129, 129, 72, False), (1, 1, 257, 257, 16, False), (2, 1, 40, 577, 64, False),
+          (1, 1, 577, 100, 48, True), (1, 3, 33, 257, 80, False)]
 
 
 @pytest.mark.parametrize("B, H, n_q, n_kv, d, causal", SHAPES, ids=["-".join(map(str, s)) for s in SHAPES])
@@ -82,7 +82,8 @@ def test_backward_after_resident_forward(B, H, N, d, causal):
     packed input within the three-way bound."""
     qkv = torch.randn(B, N, 3 * H * d, device=DEVICE)
     _check_grads(lambda x, _: attention(x, H, is_causal=causal),
-                 lambda x, dt: F.scaled_dot_product_attention(*_split(x, H), is_causal=causal).transpose(1, 2).flatten(2),
+                 lambda x, dt: F.scaled_dot_product_attention(*_split(x, H), is_causal=causal)
+                 .transpose(1, 2).flatten(2),
                  [qkv], HALF)
     assert _ran(RESIDENT)
 
@@ -235,7 +236,8 @@ def test_vit_b_pick_compiles_without_spills_on_tma_and_wgmma(tmp_path):
                          ("siglip_so400m14_384", 256)}
     for batch, groups in ((1, 4), (256, 1)):
         r = rows["vit_b16_224", batch]
-        assert r["kernel"] == "_attention_resident_fwd_kernel" and r["spilled_bytes"] == 0 and r["tma"] and r["wgmma"], r
+        assert (r["kernel"] == "_attention_resident_fwd_kernel" and r["spilled_bytes"] == 0 and r["tma"]
+                and r["wgmma"]), r
         assert r["config"] | {"GROUPS": groups} == {"BLOCK_M": 64, "BLOCK_KV": 256, "KV_CHUNKS": 1, "GROUPS": groups,
                                                     "num_warps": 4, "num_stages": 1}, r
         key = _key(197, 197, 64)
@@ -246,7 +248,8 @@ def test_vit_b_pick_compiles_without_spills_on_tma_and_wgmma(tmp_path):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("attention_shapes_script", ROOT / "benchmarks" / "attention_shapes.py")
+    spec = importlib.util.spec_from_file_location("attention_shapes_script",
+                                                  ROOT / "benchmarks" / "attention_shapes.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

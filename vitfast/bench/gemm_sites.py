@@ -204,5 +204,5 @@ def waves(m: int, n: int, config: dict, sms: int = 132) -> dict:
 def meets_target(row: dict) -> bool:
     """Whether a row of ``static_table`` holds the issue's target: the descriptor kernel, no spill,
     TMA and wgmma."""
-    return (row.get("kernel") in ("_linear_tma_kernel", "_gated_linear_tma_kernel") and row["spilled_bytes"] == 0 and row["tma"]
-            and row["wgmma"])
+    return (row.get("kernel") in ("_linear_tma_kernel", "_gated_linear_tma_kernel") and row["spilled_bytes"] == 0
+            and row["tma"] and row["wgmma"])

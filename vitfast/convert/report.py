@@ -30,13 +30,13 @@ class Report:
         sites = self.gemm_sites()
         if sites:
             lines.append(f"  GEMM sites launched in this process: {len(sites)}")
-            lines += [f"    {row['tactic']:<6} {row['key']}" + (f" ({row['kernel']} {row['config']})" if 'kernel' in row else "")
-                      for row in sites]
+            lines += [f"    {row['tactic']:<6} {row['key']}"
+                      + (f" ({row['kernel']} {row['config']})" if "kernel" in row else "") for row in sites]
         routes = self.attention_routes()
         if routes:
             lines.append(f"  attention forwards launched in this process: {len(routes)}")
-            lines += [f"    {row['kernel']} {row['key']} ({row['config']})" + (f": {row['reason']}" if "reason" in row else "")
-                      for row in routes]
+            lines += [f"    {row['kernel']} {row['key']} ({row['config']})"
+                      + (f": {row['reason']}" if "reason" in row else "") for row in routes]
         return "\n".join(lines)
 
     @staticmethod

@@ -15,8 +15,9 @@ A recording becomes a replay only when it is exact by construction:
 
 * every aten op the fused path ran was an allocation, a fill of a fresh allocation, a view, or a
   cuBLAS product written into an allocation (``_CALLS``, replayed as a call) (a ``TorchDispatchMode``
-  watches them; the ops call their custom ops' functions directly while it records); anything else (a copy, an arithmetic op, a random draw, a host read of a value such as
-  ``bool(mask.any())``) leaves the call on the checked path for good;
+  watches them; the ops call their custom ops' functions directly while it records); anything else (a
+  copy, an arithmetic op, a random draw, a host read of a value such as ``bool(mask.any())``) leaves the
+  call on the checked path for good;
 * every tensor a launch reads is the call's input, a parameter or buffer of the module, or an
   allocation of the recorded forward, and so is everything the forward returns;
 * gradients are off, there is no autocast, tracing, compiling or mode, the tensors are plain.
