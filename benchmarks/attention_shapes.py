@@ -26,18 +26,15 @@ suite brings back at most eight files). Needs a CUDA GPU; the resident kernel ne
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vitfast.bench import attention_shapes
-from vitfast.bench.results import save_section, time_candidates, time_or_record, timed_rows
+from vitfast.bench.results import (gpu_script_parser, save_section, start_gpu_script, time_candidates, time_or_record,
+                                   timed_rows)
 
 
 def _bench(fn) -> float:
@@ -115,27 +112,16 @@ def _line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path, required=True, help="where to write the rows")
-    p.add_argument("--section", default=None, help="write the document under this key of the JSON file")
+    p = gpu_script_parser(__doc__, 150.0, "shape")
     p.add_argument("--shapes", nargs="+", default=list(attention_shapes.SHAPES), choices=list(attention_shapes.SHAPES))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
-    p.add_argument("--budget", type=float, default=150.0, help="seconds; no new shape starts after them")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
-        raise SystemExit("attention_shapes.py times kernels on a CUDA GPU (and TRITON_INTERPRET must be unset)")
-    import triton
-
+    doc = start_gpu_script("attention_shapes.py")
     from vitfast.bench.measure import Timer, measure_peaks
-    from vitfast.kernels import _select
 
-    os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")  # the rules' configs
-    _select.reset()
     start = time.perf_counter()
     device = torch.device("cuda")
-    peaks = measure_peaks(device, Timer(device, quick=True))
-    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "dtype": "bfloat16", "peaks": peaks, "rows": [], "skipped": []}
+    peaks = doc["peaks"] = measure_peaks(device, Timer(device, quick=True))
     timed_rows(list(attention_shapes.launches(a.shapes, a.batch)), a.budget - (time.perf_counter() - start), doc,
                lambda launch: shape_row(launch, torch.bfloat16, peaks["copy_gbs"]), _line,
                lambda: save_section(a.json, a.section, doc))

@@ -23,16 +23,12 @@ kernel needs sm_90.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
 from vitfast.bench import gemm_sites
-from vitfast.bench.results import save_section, time_candidates, timed_rows
+from vitfast.bench.results import gpu_script_parser, save_section, start_gpu_script, time_candidates, timed_rows
 
 
 def _bench(fn) -> float:
@@ -95,25 +91,12 @@ def _line(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=Path, required=True, help="where to write the rows")
-    p.add_argument("--section", default=None, help="write the document under this key of the JSON file")
+    p = gpu_script_parser(__doc__, 280.0, "site")
     p.add_argument("--models", nargs="+", default=["vit_b", "vit_l"], choices=list(gemm_sites.MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--sites", nargs="+", default=list(gemm_sites.SITES), choices=list(gemm_sites.SITES))
-    p.add_argument("--budget", type=float, default=280.0, help="seconds; no new site starts after them")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
-        raise SystemExit("gemm_sites.py times kernels on a CUDA GPU (and TRITON_INTERPRET must be unset)")
-    import triton
-
-    from vitfast.kernels import _select
-
-    # The rules' configs and tactics, never a tuned pick: the pointer column is the pointer kernel's rule.
-    os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")
-    _select.reset()
-    doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "dtype": "bfloat16", "rows": [], "skipped": []}
+    doc = start_gpu_script("gemm_sites.py")  # the pointer column is the pointer kernel's rule
     todo = list(gemm_sites.launches(a.models, a.batch, sites=a.sites, variants=["inference"]))
     timed_rows(todo, a.budget, doc, lambda launch: site_row(launch, torch.bfloat16), _line,
                lambda: save_section(a.json, a.section, doc))

@@ -93,3 +93,17 @@ def test_gpu_scripts_save_each_row_and_share_one_file(tmp_path, capsys):
     timed_rows(items, -1.0, doc, lambda item: {}, str, lambda: None)
     assert doc == {"rows": [], "skipped": ["launch 0", "launch 1", "launch 2"]}
     assert "0 timed, 3 left for the budget" in capsys.readouterr().out
+
+
+def test_gpu_scripts_share_their_arguments_and_refuse_the_interpreter(monkeypatch):
+    """Both GPU timing scripts take ``--json``, ``--section`` and ``--budget`` from one parser, and refuse,
+    naming themselves, to time kernels in the interpreter, before they touch the tuning file."""
+    from vitfast.bench.results import gpu_script_parser, start_gpu_script
+
+    a = gpu_script_parser("doc", 42.0, "site").parse_args(["--json", "out.json"])
+    assert (a.json, a.section, a.budget) == (Path("out.json"), None, 42.0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VITFAST_TUNING_FILE", "kept.json")
+    with pytest.raises(SystemExit, match="gemm_sites.py times kernels on a CUDA GPU"):
+        start_gpu_script("gemm_sites.py")
+    assert os.environ["VITFAST_TUNING_FILE"] == "kept.json"

@@ -118,6 +118,38 @@ def save_section(path: Path, section: str | None, doc: dict) -> None:
     os.replace(part, path)
 
 
+def gpu_script_parser(description: str, budget_s: float, what: str):
+    """The arguments every GPU timing script takes: ``--json`` (where), ``--section`` (under which key of
+    that file) and ``--budget`` (seconds after which no new ``what`` starts); the script adds its own."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, required=True, help="where to write the rows")
+    p.add_argument("--section", default=None, help="write the document under this key of the JSON file")
+    p.add_argument("--budget", type=float, default=budget_s, help=f"seconds; no new {what} starts after them")
+    return p
+
+
+def start_gpu_script(script: str) -> dict:
+    """A GPU timing script's start: refused under the interpreter or without CUDA; kernels on their rules'
+    configs and tactics, never a tuned pick (the tuning file pointed at an empty place); the document's
+    header (GPU, versions, dtype) with empty ``rows`` and ``skipped``."""
+    import tempfile
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        raise SystemExit(f"{script} times kernels on a CUDA GPU (and TRITON_INTERPRET must be unset)")
+    import triton
+
+    from vitfast.kernels import _select
+
+    os.environ["VITFAST_TUNING_FILE"] = str(Path(tempfile.mkdtemp()) / "no-picks.json")
+    _select.reset()
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "dtype": "bfloat16", "rows": [], "skipped": []}
+
+
 def timed_rows(todo: list, budget_s: float, doc: dict, measure, describe, save) -> None:
     """A GPU script's loop: for each item of ``todo`` (an object with a ``name``), ``measure(item)`` its
     row, stamp the row's seconds, append it to ``doc["rows"]``, print ``describe(row)`` and ``save()``,
